@@ -1,0 +1,63 @@
+"""The EchoKit MQTT ASR wire contract: topics, binary audio frames, JSON messages.
+
+Pure Python, no I/O. Firmware authors read ``PROTOCOL.md``; this package is the
+reference encoder/decoder that the bridge and the device simulator share.
+"""
+
+from firmware_protocol.audio import (
+    HEADER_SIZE,
+    MAGIC,
+    PROTOCOL_VERSION,
+    AudioFrame,
+    Codec,
+    FrameFlags,
+)
+from firmware_protocol.errors import ErrorCode, ProtocolError
+from firmware_protocol.messages import (
+    BridgeMessage,
+    BridgeStatus,
+    Cancel,
+    DeviceMessage,
+    Endpointing,
+    EndReason,
+    Error,
+    Listening,
+    SpeechEnded,
+    SpeechStarted,
+    Start,
+    Transcript,
+    decode_bridge_message,
+    decode_device_message,
+    encode_message,
+)
+from firmware_protocol.topics import DEFAULT_PREFIX, Topics, TopicKind, is_valid_device_id
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "HEADER_SIZE",
+    "MAGIC",
+    "PROTOCOL_VERSION",
+    "AudioFrame",
+    "BridgeMessage",
+    "BridgeStatus",
+    "Cancel",
+    "Codec",
+    "DeviceMessage",
+    "EndReason",
+    "Endpointing",
+    "Error",
+    "ErrorCode",
+    "FrameFlags",
+    "Listening",
+    "ProtocolError",
+    "SpeechEnded",
+    "SpeechStarted",
+    "Start",
+    "TopicKind",
+    "Topics",
+    "Transcript",
+    "decode_bridge_message",
+    "decode_device_message",
+    "encode_message",
+    "is_valid_device_id",
+]

@@ -1,0 +1,37 @@
+"""Error codes the bridge publishes on a device's error topic, and the decode error."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    """Stable, machine-readable error codes (see PROTOCOL.md, "Error codes")."""
+
+    MALFORMED_FRAME = "malformed_frame"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNSUPPORTED_CODEC = "unsupported_codec"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    BAD_CONTROL = "bad_control"
+    UNKNOWN_DEVICE = "unknown_device"
+    UTTERANCE_TOO_LONG = "utterance_too_long"
+    TOO_MANY_SESSIONS = "too_many_sessions"
+    SESSION_TIMEOUT = "session_timeout"
+    BACKEND_ERROR = "backend_error"
+    BACKEND_UNAVAILABLE = "backend_unavailable"
+    INTERNAL = "internal"
+
+
+class ProtocolError(ValueError):
+    """A frame or message that does not follow the contract.
+
+    ``field`` names the offending header field or JSON path so that firmware
+    authors see exactly what to fix; ``code`` is what the bridge reports.
+    """
+
+    def __init__(self, code: ErrorCode, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.code = code
+        self.field = field
+        self.reason = reason

@@ -1,0 +1,145 @@
+"""JSON control and event messages, each a msgspec Struct tagged by ``type``.
+
+Device → bridge on ``in/control``: :class:`Start`, :class:`Cancel`.
+Bridge → device on ``out/*``: :class:`Listening`, :class:`SpeechStarted`,
+:class:`SpeechEnded`, :class:`Transcript`, :class:`Error`; the bridge's retained
+:class:`BridgeStatus` on ``<prefix>/status``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import msgspec
+
+from firmware_protocol.errors import ErrorCode, ProtocolError
+
+SessionId = Annotated[int, msgspec.Meta(ge=1, le=0xFFFFFFFF)]
+
+
+class Endpointing(enum.StrEnum):
+    SERVER_VAD = "server_vad"
+    """The bridge's VAD decides when the speaker stopped."""
+    PUSH_TO_TALK = "push_to_talk"
+    """Only the device's LAST frame ends the turn."""
+
+
+class EndReason(enum.StrEnum):
+    SILENCE = "silence"
+    DEVICE = "device"
+    MAX_LENGTH = "max_length"
+    BACKEND = "backend"
+    CANCEL = "cancel"
+    TIMEOUT = "timeout"
+    NO_SPEECH = "no_speech"
+
+
+class _Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, omit_defaults=True):
+    """Unknown fields are ignored so either side can add fields in a minor version."""
+
+
+# Device → bridge ---------------------------------------------------------------------------
+
+
+class Start(_Message, tag="start"):
+    """Options for a session, sent before (or while) its audio arrives."""
+
+    session: SessionId
+    language: str | None = None
+    prompt: str | None = None
+    endpointing: Endpointing | None = None
+
+
+class Cancel(_Message, tag="cancel"):
+    session: SessionId
+
+
+DeviceMessage = Start | Cancel
+
+# Bridge → device ---------------------------------------------------------------------------
+
+
+class Listening(_Message, tag="listening"):
+    """The session is accepted; audio is being processed."""
+
+    session: SessionId
+    endpointing: Endpointing
+    sample_rate: int = 16000
+
+
+class SpeechStarted(_Message, tag="speech_started"):
+    session: SessionId
+    offset_ms: int
+
+
+class SpeechEnded(_Message, tag="speech_ended"):
+    session: SessionId
+    offset_ms: int
+    reason: EndReason
+
+
+class Transcript(_Message, tag="transcript"):
+    """A partial (``final`` false) or the final transcript of a session.
+
+    A final with empty ``text`` and a ``reason`` means nothing was recognised.
+    """
+
+    session: SessionId
+    final: bool
+    text: str
+    backend: str
+    start_ms: int = 0
+    end_ms: int = 0
+    language: str | None = None
+    latency_ms: int | None = None
+    reason: EndReason | None = None
+    truncated: bool = False
+
+
+class Error(_Message, tag="error"):
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+    session: int | None = None
+
+
+class BridgeStatus(_Message, tag="status"):
+    state: str  # "online" | "offline"
+    version: str
+    instance: str
+    protocol: int = 1
+
+
+BridgeMessage = Listening | SpeechStarted | SpeechEnded | Transcript | Error | BridgeStatus
+
+_encoder = msgspec.json.Encoder()
+_device_decoder = msgspec.json.Decoder(DeviceMessage)
+_bridge_decoder = msgspec.json.Decoder(BridgeMessage)
+
+
+def encode_message(message: DeviceMessage | BridgeMessage) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_device_message(data: bytes) -> DeviceMessage:
+    """Decode a control message; errors name the JSON path (``$.session``)."""
+    try:
+        return _device_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_CONTROL, _path_of(str(exc)), str(exc)) from None
+
+
+def decode_bridge_message(data: bytes) -> BridgeMessage:
+    try:
+        return _bridge_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_CONTROL, _path_of(str(exc)), str(exc)) from None
+
+
+def _path_of(message: str) -> str:
+    """msgspec ends messages with ``- at `$.field```; return that path, or ``$``."""
+    marker = "- at `"
+    if marker in message:
+        return message.rsplit(marker, 1)[1].rstrip("`")
+    return "$"

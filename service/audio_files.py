@@ -1,0 +1,56 @@
+"""WAV files → 16 kHz mono int16, for the device simulator and tests."""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+
+TARGET_RATE = 16000
+
+
+class UnsupportedAudio(ValueError):
+    pass
+
+
+def read_wav_16k_mono(path: str | Path) -> np.ndarray:
+    """Read a PCM WAV; down-mix and resample 16-bit input; refuse what would need guessing."""
+    try:
+        with wave.open(str(path), "rb") as wav:
+            width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
+            data = wav.readframes(wav.getnframes())
+    except (wave.Error, EOFError) as exc:
+        raise UnsupportedAudio(
+            f"{path}: not a PCM WAV file ({exc}); convert it: sox IN -r 16000 -c 1 -b 16 OUT.wav"
+        ) from None
+    if width != 2:
+        raise UnsupportedAudio(
+            f"{path}: {8 * width}-bit samples; only 16-bit PCM is read. Convert: sox {path} -r 16000 -c 1 -b 16 out.wav"
+        )
+    samples = np.frombuffer(data, dtype="<i2").reshape(-1, channels).astype(np.float64)
+    mono = samples.mean(axis=1)
+    if rate != TARGET_RATE:
+        mono = _resample(mono, rate, TARGET_RATE)
+    return np.clip(np.round(mono), -32768, 32767).astype(np.int16)
+
+
+def _resample(signal: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """Band-limited resampling by zero-padding/truncating the spectrum (files are short)."""
+    n_out = round(len(signal) * target / rate)
+    if n_out == 0:
+        return np.zeros(0)
+    spectrum = np.fft.rfft(signal)
+    keep = n_out // 2 + 1
+    out = np.zeros(keep, dtype=complex)
+    n = min(keep, len(spectrum))
+    out[:n] = spectrum[:n]
+    return np.fft.irfft(out, n_out) * (n_out / len(signal))
+
+
+def write_wav(path: str | Path, pcm: np.ndarray, rate: int = TARGET_RATE) -> None:
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(pcm.astype("<i2").tobytes())

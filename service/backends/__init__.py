@@ -1,0 +1,11 @@
+"""Speech-recognition backends behind one interface (:mod:`service.backends.base`)."""
+
+from service.backends.base import (
+    BackendError,
+    Recognition,
+    RecognitionStream,
+    SessionOptions,
+    TranscriptionBackend,
+)
+
+__all__ = ["BackendError", "Recognition", "RecognitionStream", "SessionOptions", "TranscriptionBackend"]

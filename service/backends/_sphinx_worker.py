@@ -1,0 +1,55 @@
+"""Runs inside a pocketsphinx worker process: one decoder, one utterance at a time.
+
+Pocketsphinx holds the GIL while it decodes, so decoding in a thread would stall the
+event loop; each decoder therefore lives in its own process. This module imports only
+pocketsphinx so that a spawned worker starts quickly.
+"""
+
+from __future__ import annotations
+
+from pocketsphinx import Decoder
+
+_decoder: Decoder | None = None
+_in_utterance = False
+
+
+def init(jsgf: str | None) -> None:
+    global _decoder
+    _decoder = Decoder(samprate=16000, loglevel="FATAL")
+    if jsgf:
+        _decoder.add_jsgf_string("commands", jsgf)
+        _decoder.activate_search("commands")
+
+
+def ready() -> bool:
+    return _decoder is not None
+
+
+def process(pcm: bytes) -> str:
+    """Decode more audio of the current utterance (starting one if needed); return the hypothesis."""
+    global _in_utterance
+    assert _decoder is not None
+    if not _in_utterance:
+        _decoder.start_utt()
+        _in_utterance = True
+    if pcm:
+        _decoder.process_raw(pcm, False, False)
+    hyp = _decoder.hyp()
+    return hyp.hypstr if hyp is not None else ""
+
+
+def finish(pcm: bytes) -> str:
+    global _in_utterance
+    assert _decoder is not None
+    process(pcm)
+    _decoder.end_utt()
+    _in_utterance = False
+    hyp = _decoder.hyp()
+    return hyp.hypstr if hyp is not None else ""
+
+
+def abort() -> None:
+    global _in_utterance
+    if _decoder is not None and _in_utterance:
+        _decoder.end_utt()
+    _in_utterance = False

@@ -1,0 +1,92 @@
+"""The composition root: config → broker → sessions → VAD → backend → publisher.
+
+Nothing else in the service knows about all of these; tests and benchmarks build a
+:class:`Bridge` with another backend through the same constructor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+
+import structlog
+
+from firmware_protocol import Topics
+from service import __version__
+from service.backends import BackendError, TranscriptionBackend
+from service.config import Config
+from service.mqtt import MqttLink
+from service.publisher import DevicePublisher
+from service.session import SessionServices
+from service.sessions import SessionManager
+from service.vad import SileroModel, VadBatcher
+
+log = structlog.get_logger(__name__)
+
+
+def build_backend(config: Config) -> TranscriptionBackend:
+    platform = config.asr.platform
+    if platform == "pocketsphinx":
+        from service.backends.pocketsphinx import PocketsphinxBackend
+
+        return PocketsphinxBackend(config.asr)
+    raise BackendError(f"asr.platform {platform!r} is not available", retryable=False)
+
+
+class Bridge:
+    def __init__(self, config: Config, backend: TranscriptionBackend | None = None) -> None:
+        self.config = config
+        self.instance = uuid.uuid4().hex[:8]
+        self.topics = Topics(config.mqtt.topic_prefix)
+        self.backend = backend or build_backend(config)
+        self.vad = VadBatcher(SileroModel())
+        self.link = MqttLink(
+            config.mqtt, self.topics, self._dispatch, instance=self.instance, version=__version__
+        )
+        publisher = DevicePublisher(self.topics, self.link.publish, config.session.max_device_message_bytes)
+        services = SessionServices(
+            backend=self.backend,
+            vad=self.vad,
+            publisher=publisher,
+            session=config.session,
+            vad_config=config.asr.vad,
+        )
+        self.sessions = SessionManager(config, self.topics, services)
+        self._stop = asyncio.Event()
+
+    def _dispatch(self, message: object) -> None:
+        try:
+            self.sessions.handle(message)  # type: ignore[arg-type]
+        except Exception:  # a bug on one message must not take the bridge down
+            log.exception("dispatch.failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, drain_timeout: float = 10.0) -> None:
+        """Run until :meth:`stop` (or SIGINT/SIGTERM when installed by the CLI)."""
+        await self.backend.start()
+        log.info("bridge.starting", instance=self.instance, backend=self.backend.name, prefix=self.topics.prefix)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                link = tg.create_task(self.link.run())
+                vad = tg.create_task(self.vad.run())
+                housekeeping = tg.create_task(self.sessions.run())
+                await self._stop.wait()
+                log.info("bridge.stopping", active_sessions=self.sessions.active_sessions)
+                await self.sessions.drain(drain_timeout)
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(2):
+                        await self.link.say_offline()
+                for task in (link, vad, housekeeping):
+                    task.cancel()
+        finally:
+            await self.backend.aclose()
+            log.info("bridge.stopped")
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop)

@@ -1,0 +1,307 @@
+"""Configuration: TOML decoded into msgspec Structs, with every problem reported by line.
+
+``[asr]`` is the EchoKit server's section accepted as it is (``platform``, ``url``,
+``api_key``, ``model``, ``lang``, ``prompt``, ``vad_url``, ``paraformer_token``,
+``[asr.vad]``); the rest is ours. ``${VAR}`` in any string is replaced from the
+environment, so secrets never have to live in the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from firmware_protocol import DEFAULT_PREFIX, Endpointing, is_valid_device_id
+
+Report = typing.Callable[[str, str], None]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class MqttConfig(_Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str = ""
+    password: str = ""
+    client_id: str = ""
+    """Empty: ``echokit-bridge-<instance>``; a fixed id makes two bridges kick each other off."""
+    topic_prefix: str = DEFAULT_PREFIX
+    ca_file: str = ""
+    keepalive_s: PositiveInt = 30
+    max_queued_messages: PositiveInt = 20000
+    """Bound on aiomqtt's incoming queue: beyond it the newest messages are dropped, not RAM."""
+    reconnect_max_s: Positive = 30.0
+
+
+class VadConfig(_Section):
+    """EchoKit's ``[asr.vad]`` with its defaults (echokit_server ``src/ai/vad.rs``)."""
+
+    threshold: Probability = 0.5
+    neg_threshold: Probability | None = None
+    min_speech_duration_ms: Annotated[int, msgspec.Meta(ge=0)] = 400
+    max_silence_duration_ms: Annotated[int, msgspec.Meta(ge=0)] = 200
+    hangover_ms: Annotated[int, msgspec.Meta(ge=0)] = 500
+
+    @property
+    def effective_neg_threshold(self) -> float:
+        if self.neg_threshold is not None:
+            return self.neg_threshold
+        return max(min(self.threshold, 0.95) - 0.15, 0.05)
+
+
+class AsrConfig(_Section):
+    platform: str = "pocketsphinx"
+    url: str = ""
+    api_key: str = ""
+    model: str = ""
+    lang: str = ""
+    prompt: str = ""
+    paraformer_token: str = ""
+    vad_url: str = ""
+    vad_realtime_url: str = ""
+    vad: VadConfig = msgspec.field(default_factory=VadConfig)
+    # pocketsphinx (ours)
+    grammar: str = ""
+    """Path to a JSGF grammar; restricts recognition to a command vocabulary."""
+    phrases: list[str] = msgspec.field(default_factory=list)
+    """Command phrases; compiled into a one-rule JSGF grammar."""
+    decoders: PositiveInt = 2
+    """Pocketsphinx decoders kept loaded; sessions beyond this wait for one."""
+    partial_interval_ms: Annotated[int, msgspec.Meta(ge=0)] = 250
+
+
+class SessionConfig(_Section):
+    endpointing: Endpointing = Endpointing.SERVER_VAD
+    max_utterance_s: Positive = 30.0
+    max_sessions: PositiveInt = 200
+    idle_timeout_s: Positive = 10.0
+    """A session that receives no frame for this long is abandoned (device gone, LAST lost)."""
+    no_speech_timeout_ms: PositiveInt = 3000
+    """With server VAD, end the turn empty if nobody speaks this long (EchoKit: 500)."""
+    reorder_window: Annotated[int, msgspec.Meta(ge=0, le=256)] = 8
+    max_frame_bytes: PositiveInt = 16400
+    max_device_message_bytes: Annotated[int, msgspec.Meta(ge=256)] = 1000
+    """Transcripts are cut to fit ESP-MQTT's default 1024-byte buffer (``truncated`` set)."""
+
+
+class DevicesConfig(_Section):
+    allow: list[str] = msgspec.field(default_factory=list)
+    """Empty: any valid device id. Otherwise only these ids; others get ``unknown_device``."""
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Section):
+    mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
+    asr: AsrConfig = msgspec.field(default_factory=AsrConfig)
+    session: SessionConfig = msgspec.field(default_factory=SessionConfig)
+    devices: DevicesConfig = msgspec.field(default_factory=DevicesConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+
+PLATFORM_ALIASES = {"pocketsphinx": "pocketsphinx"}
+"""EchoKit platform spellings → our backend names (grows with each backend)."""
+PLANNED_PLATFORMS = {"openai", "OpenAI", "whisper", "Whisper", "paraformer_v2", "elevenlabs"}
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.field}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate; raise :class:`ConfigError` listing *every* problem found."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(str(path), None, "<file>", exc.strerror or str(exc))]) from None
+    return parse_config(text, str(path))
+
+
+def parse_config(text: str, filename: str = "<config>", env: typing.Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = _line_from_toml_error(str(exc))
+        raise ConfigError([ConfigProblem(filename, line, "<toml>", str(exc))]) from None
+    lines = _KeyLines(text)
+    problems: list[ConfigProblem] = []
+
+    def report(path: str, message: str) -> None:
+        problems.append(ConfigProblem(filename, lines.find(path), path, message))
+
+    raw = _expand_env(raw, "", env, report)
+    _validate(raw, Config, "", report)
+    # Semantic checks run on every section that decoded, so one bad section hides nothing else.
+    for field in msgspec.structs.fields(Config):
+        try:
+            section = msgspec.convert(raw.get(field.name, {}), field.type)
+        except msgspec.ValidationError:
+            continue
+        _SEMANTIC_CHECKS.get(field.name, _no_check)(section, report)
+    if problems:
+        raise ConfigError(problems)
+    return msgspec.convert(raw, Config)
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(value: Any, path: str, env: typing.Mapping[str, str], report: Report) -> Any:
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env:
+                report(path, f"environment variable {name} is not set")
+                return ""
+            return env[name]
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, _join(path, k), env, report) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{path}[{i}]", env, report) for i, v in enumerate(value)]
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _struct_of(tp: Any) -> type[msgspec.Struct] | None:
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if isinstance(arg, type) and issubclass(arg, msgspec.Struct):
+                return arg
+    return None
+
+
+def _validate(raw: Any, struct: type[msgspec.Struct], path: str, report: Report) -> None:
+    """Check each field on its own so that one bad value does not hide the next."""
+    if not isinstance(raw, dict):
+        report(path or "<root>", f"expected a table, got {type(raw).__name__}")
+        return
+    fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            report(_join(path, key), f"unknown field (known: {known})")
+    for name, field in fields.items():
+        if name not in raw:
+            if field.required:
+                report(_join(path, name), "required field is missing")
+            continue
+        sub = _struct_of(field.type)
+        if sub is not None and isinstance(raw[name], dict):
+            _validate(raw[name], sub, _join(path, name), report)
+            continue
+        try:
+            msgspec.convert(raw[name], field.type)
+        except msgspec.ValidationError as exc:
+            report(_join(path, name), str(exc))
+
+
+def _no_check(section: Any, report: Report) -> None:
+    pass
+
+
+def _check_mqtt(mqtt: MqttConfig, report: Report) -> None:
+    url = urlsplit(mqtt.url)
+    if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+        report("mqtt.url", f"expected mqtt://host[:port] or mqtts://host[:port], got {mqtt.url!r}")
+    if mqtt.ca_file and not Path(mqtt.ca_file).is_file():
+        report("mqtt.ca_file", f"file not found: {mqtt.ca_file}")
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*", mqtt.topic_prefix):
+        report("mqtt.topic_prefix", "use letters, digits, '_', '-' and '/' separators, no wildcards")
+
+
+def _check_asr(asr: AsrConfig, report: Report) -> None:
+    if asr.platform not in PLATFORM_ALIASES:
+        if asr.platform in PLANNED_PLATFORMS:
+            report("asr.platform", f"{asr.platform!r} is not available in this version (available: pocketsphinx)")
+        else:
+            report("asr.platform", f"unknown platform {asr.platform!r} (available: pocketsphinx)")
+    if asr.grammar and asr.phrases:
+        report("asr.phrases", "set either asr.grammar or asr.phrases, not both")
+    if asr.grammar and not Path(asr.grammar).is_file():
+        report("asr.grammar", f"file not found: {asr.grammar}")
+    if asr.vad.neg_threshold is not None and asr.vad.neg_threshold >= asr.vad.threshold:
+        report("asr.vad.neg_threshold", "must be below asr.vad.threshold")
+
+
+def _check_devices(devices: DevicesConfig, report: Report) -> None:
+    for i, device in enumerate(devices.allow):
+        if not is_valid_device_id(device):
+            report(f"devices.allow[{i}]", f"{device!r} is not a valid device id ([A-Za-z0-9_-]{{1,64}})")
+
+
+_SEMANTIC_CHECKS: dict[str, typing.Callable[[Any, Report], None]] = {
+    "mqtt": _check_mqtt,
+    "asr": _check_asr,
+    "devices": _check_devices,
+}
+
+
+def _line_from_toml_error(message: str) -> int | None:
+    match = re.search(r"line (\d+)", message)
+    return int(match.group(1)) if match else None
+
+
+class _KeyLines:
+    """Maps dotted key paths to the line that sets them, for error messages."""
+
+    _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+    _KEY = re.compile(r'^\s*([A-Za-z0-9_\-."]+)\s*=')
+
+    def __init__(self, text: str) -> None:
+        self._lines: dict[str, int] = {}
+        table = ""
+        for number, line in enumerate(text.splitlines(), start=1):
+            if header := self._HEADER.match(line):
+                table = header.group(1).replace('"', "").replace(" ", "")
+                self._lines.setdefault(table, number)
+            elif key := self._KEY.match(line):
+                name = key.group(1).replace('"', "")
+                self._lines.setdefault(_join(table, name), number)
+
+    def find(self, path: str) -> int | None:
+        path = re.sub(r"\[\d+\]$", "", path)
+        while path:
+            if path in self._lines:
+                return self._lines[path]
+            path = path.rpartition(".")[0]
+        return None

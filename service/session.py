@@ -1,0 +1,240 @@
+"""One utterance of one device: audio → endpointing → backend → events, in order.
+
+A :class:`Session` is fed in-order PCM by the session manager and runs as one task.
+Everything it tells the device goes through its outbox, so partials produced by the
+backend in the background can never overtake the final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from firmware_protocol import (
+    BridgeMessage,
+    EndReason,
+    Endpointing,
+    Error,
+    ErrorCode,
+    Listening,
+    SpeechEnded,
+    SpeechStarted,
+    Transcript,
+)
+from service.backends import BackendError, Recognition, RecognitionStream, SessionOptions, TranscriptionBackend
+from service.config import SessionConfig, VadConfig
+from service.publisher import DevicePublisher
+from service.vad import WINDOW, Endpointer, SpeechStart, TurnEnd, VadBatcher, VadStream
+
+SAMPLES_PER_MS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SessionServices:
+    """What every session needs; built once by the composition root."""
+
+    backend: TranscriptionBackend
+    vad: VadBatcher
+    publisher: DevicePublisher
+    session: SessionConfig
+    vad_config: VadConfig
+    final_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    reason: EndReason
+
+
+class Session:
+    def __init__(
+        self,
+        device_id: str,
+        session_id: int,
+        services: SessionServices,
+        *,
+        endpointing: Endpointing,
+        options: SessionOptions,
+    ) -> None:
+        self.device_id = device_id
+        self.session_id = session_id
+        self.endpointing = endpointing
+        self.options = options
+        self._services = services
+        self._audio: asyncio.Queue[np.ndarray | _End] = asyncio.Queue()
+        self._outbox: asyncio.Queue[BridgeMessage | None] = asyncio.Queue()
+        self._cancelled = asyncio.Event()
+        self._samples = 0
+        self._max_samples = int(services.session.max_utterance_s * 16000)
+        self.ended = False
+        self.log = structlog.get_logger(__name__).bind(device=device_id, session=session_id)
+
+    # Called by the session manager (synchronously, from the MQTT dispatch) ------------------
+
+    def push(self, pcm: bytes) -> None:
+        if not self.ended:
+            self._audio.put_nowait(np.frombuffer(pcm, dtype="<i2"))
+
+    def end(self, reason: EndReason) -> None:
+        """The device ended the turn (LAST frame) or the stream went quiet."""
+        if not self.ended:
+            self._audio.put_nowait(_End(reason))
+
+    def cancel(self) -> None:
+        """Cancelled by the device or superseded by a new session: no transcript follows."""
+        self._cancelled.set()
+        self._audio.put_nowait(_End(EndReason.CANCEL))
+
+    # The task --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            sender = tg.create_task(self._send_all())
+            try:
+                await self._turn()
+            except Exception as exc:  # never let one device's failure escape to the service
+                self.log.exception("session.failed")
+                self._emit(Error(code=ErrorCode.INTERNAL, message=type(exc).__name__, session=self.session_id))
+            finally:
+                self.ended = True
+                self._outbox.put_nowait(None)
+            await sender
+
+    def _emit(self, message: BridgeMessage) -> None:
+        self._outbox.put_nowait(message)
+
+    async def _send_all(self) -> None:
+        while (message := await self._outbox.get()) is not None:
+            await self._services.publisher.send(self.device_id, message)
+
+    async def _turn(self) -> None:
+        services = self._services
+        self._emit(Listening(session=self.session_id, endpointing=self.endpointing))
+        stream: RecognitionStream | None = None
+        server_vad = self.endpointing is Endpointing.SERVER_VAD
+        endpointer = Endpointer(services.vad_config, services.session.no_speech_timeout_ms) if server_vad else None
+        vad_stream = VadStream()
+        pending = np.zeros(0, dtype=np.float32)
+        started_ms: int | None = None
+        end = TurnEnd(0, EndReason.TIMEOUT)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(services.session.idle_timeout_s):
+                        item = await self._audio.get()
+                except TimeoutError:
+                    end = TurnEnd(self._offset_ms(), EndReason.TIMEOUT)
+                    break
+                if isinstance(item, _End):
+                    end = TurnEnd(self._offset_ms(), item.reason)
+                    break
+                if stream is None:
+                    stream = services.backend.open(self.options, self._on_partial)
+                if self._samples + len(item) > self._max_samples:
+                    item = item[: self._max_samples - self._samples]
+                    end = TurnEnd(self._max_samples // SAMPLES_PER_MS, EndReason.MAX_LENGTH)
+                stream.feed(item)
+                self._samples += len(item)
+                if endpointer is None:
+                    if started_ms is None and len(item):
+                        started_ms = 0
+                        self._emit(SpeechStarted(session=self.session_id, offset_ms=0))
+                else:
+                    pending = np.concatenate([pending, item.astype(np.float32) / 32768.0])
+                    while len(pending) >= WINDOW and not endpointer.finished:
+                        window, pending = pending[:WINDOW], pending[WINDOW:]
+                        for event in endpointer.update(await services.vad.score(vad_stream, window)):
+                            if isinstance(event, SpeechStart):
+                                started_ms = event.offset_ms
+                                self._emit(SpeechStarted(session=self.session_id, offset_ms=event.offset_ms))
+                            elif isinstance(event, TurnEnd):
+                                end = event
+                    if endpointer.finished:
+                        break
+                if end.reason is EndReason.MAX_LENGTH:
+                    self._emit(
+                        Error(
+                            code=ErrorCode.UTTERANCE_TOO_LONG,
+                            message=f"utterance longer than {services.session.max_utterance_s:g} s; transcribing what came",
+                            session=self.session_id,
+                        )
+                    )
+                    break
+            self._emit(SpeechEnded(session=self.session_id, offset_ms=end.offset_ms, reason=end.reason))
+            ended_at = time.monotonic()
+            if end.reason is EndReason.CANCEL or self._cancelled.is_set():
+                return
+            heard_nothing = stream is None or end.reason is EndReason.NO_SPEECH or (server_vad and started_ms is None)
+            if heard_nothing:
+                result = Recognition("", reason=EndReason.NO_SPEECH)
+            else:
+                assert stream is not None
+                try:
+                    result = await self._finish(stream)
+                except BackendError as exc:
+                    self._emit(Error(code=exc.code, message=str(exc), retryable=exc.retryable, session=self.session_id))
+                    return
+                finally:
+                    stream = None
+                if result is None:
+                    return
+            latency_ms = round((time.monotonic() - ended_at) * 1000)
+            self._emit(
+                Transcript(
+                    session=self.session_id,
+                    final=True,
+                    text=result.text,
+                    backend=services.backend.name,
+                    start_ms=started_ms or 0,
+                    end_ms=end.offset_ms,
+                    language=result.language,
+                    latency_ms=latency_ms,
+                    reason=result.reason,
+                )
+            )
+            self.log.info("session.final", chars=len(result.text), latency_ms=latency_ms, reason=end.reason.value)
+        finally:
+            if stream is not None:
+                await stream.cancel()
+
+    async def _finish(self, stream: RecognitionStream) -> Recognition | None:
+        """The backend's final, unless the session is cancelled meanwhile (then ``None``)."""
+        finish = asyncio.ensure_future(stream.finish())
+        cancelled = asyncio.ensure_future(self._cancelled.wait())
+        try:
+            async with asyncio.timeout(self._services.final_timeout_s):
+                done, _ = await asyncio.wait({finish, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            raise BackendError(
+                f"no result within {self._services.final_timeout_s:g} s", code=ErrorCode.BACKEND_UNAVAILABLE
+            ) from None
+        finally:
+            cancelled.cancel()
+            if not finish.done():
+                finish.cancel()
+                with contextlib.suppress(asyncio.CancelledError, BackendError):
+                    await finish
+                await stream.cancel()
+        if finish not in done:
+            return None
+        return finish.result()
+
+    def _on_partial(self, text: str) -> None:
+        if not self.ended and not self._cancelled.is_set():
+            self._emit(
+                Transcript(
+                    session=self.session_id,
+                    final=False,
+                    text=text,
+                    backend=self._services.backend.name,
+                    end_ms=self._offset_ms(),
+                )
+            )
+
+    def _offset_ms(self) -> int:
+        return self._samples // SAMPLES_PER_MS

@@ -1,0 +1,269 @@
+"""Routes MQTT messages to devices and sessions; enforces limits; reports bad input.
+
+Everything here runs synchronously in the MQTT dispatch callback, so a device's frames
+are handled in arrival order and no frame waits on another device's work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import aiomqtt
+import structlog
+
+from firmware_protocol import (
+    HEADER_SIZE,
+    AudioFrame,
+    Cancel,
+    Codec,
+    EndReason,
+    Error,
+    ErrorCode,
+    ProtocolError,
+    Start,
+    TopicKind,
+    Topics,
+    decode_device_message,
+    is_valid_device_id,
+)
+from service.backends import SessionOptions
+from service.config import Config
+from service.session import Session, SessionServices
+from service.streams import Arrival, DeviceStream
+
+log = structlog.get_logger(__name__)
+
+MAX_CONTROL_BYTES = 4096
+ERROR_INTERVAL_S = 1.0
+"""At most one error per device and code per second: a broken device cannot flood the bus."""
+QUIET_FLUSH_S = 0.15
+"""A gap not filled this long after the last frame is declared lost."""
+
+
+@dataclass(slots=True)
+class FleetStats:
+    messages: int = 0
+    rejected: int = 0
+    sessions_started: int = 0
+    sessions_refused: int = 0
+
+
+@dataclass(slots=True)
+class _Device:
+    stream: DeviceStream
+    session: Session | None = None
+    last_frame: float = 0.0
+    options: dict[int, Start] = field(default_factory=dict)
+    last_error: dict[ErrorCode, float] = field(default_factory=dict)
+
+
+class SessionManager:
+    def __init__(self, config: Config, topics: Topics, services: SessionServices) -> None:
+        self._config = config
+        self._topics = topics
+        self._services = services
+        self._allow = frozenset(config.devices.allow)
+        self._devices: dict[str, _Device] = {}
+        self._active = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting = True
+        self.stats = FleetStats()
+
+    @property
+    def active_sessions(self) -> int:
+        return self._active
+
+    def device_stats(self, device_id: str) -> object | None:
+        device = self._devices.get(device_id)
+        return device.stream.stats if device else None
+
+    # Dispatch ----------------------------------------------------------------------------------
+
+    def handle(self, message: aiomqtt.Message) -> None:
+        self.stats.messages += 1
+        parsed = self._topics.parse(message.topic.value)
+        payload = message.payload
+        if parsed is None or not isinstance(payload, bytes | bytearray):
+            self.stats.rejected += 1
+            return
+        device_id, kind = parsed
+        if not is_valid_device_id(device_id):
+            self.stats.rejected += 1
+            log.warning("device.invalid_id", topic=message.topic.value[:200])
+            return
+        if self._allow and device_id not in self._allow:
+            self.stats.rejected += 1
+            self._error(device_id, ErrorCode.UNKNOWN_DEVICE, "this device is not in the bridge's devices.allow list")
+            return
+        if kind is TopicKind.AUDIO:
+            self._on_audio(device_id, bytes(payload))
+        elif kind is TopicKind.CONTROL:
+            self._on_control(device_id, bytes(payload))
+
+    def _device(self, device_id: str) -> _Device:
+        device = self._devices.get(device_id)
+        if device is None:
+            device = _Device(DeviceStream(device_id, self._config.session.reorder_window))
+            self._devices[device_id] = device
+        return device
+
+    def _on_audio(self, device_id: str, payload: bytes) -> None:
+        limit = self._config.session.max_frame_bytes
+        if len(payload) > limit:
+            self.stats.rejected += 1
+            self._error(device_id, ErrorCode.PAYLOAD_TOO_LARGE, f"audio frame of {len(payload)} bytes exceeds {limit}")
+            return
+        try:
+            frame = AudioFrame.decode(payload)
+        except ProtocolError as exc:
+            self.stats.rejected += 1
+            self._error(device_id, exc.code, str(exc))
+            return
+        if frame.codec != Codec.PCM_S16LE:
+            self.stats.rejected += 1
+            self._error(device_id, ErrorCode.UNSUPPORTED_CODEC, f"codec: {int(frame.codec)} is not supported (0 = PCM s16le)", frame.session_id)
+            return
+        if frame.sample_rate != 16000 or frame.channels != 1:
+            self.stats.rejected += 1
+            self._error(
+                device_id,
+                ErrorCode.UNSUPPORTED_FORMAT,
+                f"sample_rate/channels: {frame.sample_rate} Hz x {frame.channels} is not supported (16000 Hz mono)",
+                frame.session_id,
+            )
+            return
+        device = self._device(device_id)
+        device.last_frame = time.monotonic()
+        arrival = device.stream.classify(frame)
+        if arrival is Arrival.STALE:
+            return
+        if arrival is Arrival.STARTS and not self._start(device_id, device, frame.session_id):
+            return
+        session, reassembler = device.session, device.stream.reassembler
+        if session is None or reassembler is None:
+            return
+        for pcm in reassembler.push(frame):
+            session.push(pcm)
+        if reassembler.complete:
+            session.end(EndReason.DEVICE)
+
+    def _on_control(self, device_id: str, payload: bytes) -> None:
+        if len(payload) > MAX_CONTROL_BYTES:
+            self._error(device_id, ErrorCode.PAYLOAD_TOO_LARGE, f"control message over {MAX_CONTROL_BYTES} bytes")
+            return
+        try:
+            message = decode_device_message(payload)
+        except ProtocolError as exc:
+            self.stats.rejected += 1
+            self._error(device_id, ErrorCode.BAD_CONTROL, str(exc))
+            return
+        device = self._device(device_id)
+        if isinstance(message, Cancel):
+            if device.session is not None and device.session.session_id == message.session:
+                device.session.cancel()
+            device.stream.close(message.session)
+        elif isinstance(message, Start):
+            if device.stream.is_closed(message.session):
+                return
+            if device.session is not None and device.session.session_id == message.session:
+                device.session.options = _options(message)  # audio came first; still in time
+                return
+            # Keep the options for the audio to come; a device has one session running at a time.
+            device.options = {message.session: message}
+            if device.stream.session_id != message.session:
+                self._start(device_id, device, message.session)
+
+    # Sessions ----------------------------------------------------------------------------------
+
+    def _start(self, device_id: str, device: _Device, session_id: int) -> bool:
+        if device.session is not None:
+            device.session.cancel()  # superseded: a device speaks one utterance at a time
+        elif self._active >= self._config.session.max_sessions or not self._accepting:
+            self.stats.sessions_refused += 1
+            device.stream.close(session_id)
+            reason = "the bridge is shutting down" if not self._accepting else (
+                f"{self._config.session.max_sessions} sessions are active; retry shortly"
+            )
+            self._error(device_id, ErrorCode.TOO_MANY_SESSIONS, reason, session_id, retryable=True)
+            return False
+        device.stream.begin(session_id)
+        start = device.options.pop(session_id, None)
+        device.options.clear()
+        session = Session(
+            device_id,
+            session_id,
+            self._services,
+            endpointing=(start.endpointing if start and start.endpointing else self._config.session.endpointing),
+            options=_options(start) if start else SessionOptions(
+                language=self._config.asr.lang or None, prompt=self._config.asr.prompt or None
+            ),
+        )
+        if device.session is None:
+            self._active += 1
+        device.session = session
+        self.stats.sessions_started += 1
+        task = asyncio.create_task(session.run(), name=f"session-{device_id}-{session_id}")
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._finished(device, session, t))
+        return True
+
+    def _finished(self, device: _Device, session: Session, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            session.log.error("session.crashed", error=repr(task.exception()))
+        device.stream.close(session.session_id)
+        if device.session is session:
+            device.session = None
+            self._active -= 1
+        session.log.debug("session.closed", **_asdict(device.stream.stats))
+
+    def _error(
+        self, device_id: str, code: ErrorCode, message: str, session: int | None = None, *, retryable: bool = False
+    ) -> None:
+        device = self._device(device_id)
+        now = time.monotonic()
+        if now - device.last_error.get(code, -ERROR_INTERVAL_S) < ERROR_INTERVAL_S:
+            return
+        device.last_error[code] = now
+        log.info("device.error", device=device_id, code=code.value, reason=message[:200])
+        error = Error(code=code, message=message, retryable=retryable, session=session)
+        task = asyncio.create_task(self._services.publisher.send(device_id, error))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # Housekeeping ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Flush reorder windows of streams that went quiet; forget idle devices."""
+        while True:
+            await asyncio.sleep(QUIET_FLUSH_S / 2)
+            now = time.monotonic()
+            for device_id, device in list(self._devices.items()):
+                reassembler, session = device.stream.reassembler, device.session
+                if reassembler is not None and session is not None and now - device.last_frame > QUIET_FLUSH_S:
+                    if reassembler.waiting or (reassembler.last_seq is not None and not reassembler.complete):
+                        for pcm in reassembler.flush():
+                            session.push(pcm)
+                        if reassembler.complete:
+                            session.end(EndReason.DEVICE)
+                if session is None and now - device.last_frame > 600:
+                    del self._devices[device_id]
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking sessions; give running ones ``timeout`` seconds to finish."""
+        self._accepting = False
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        for task in self._tasks:
+            task.cancel()
+
+
+def _options(start: Start) -> SessionOptions:
+    return SessionOptions(language=start.language, prompt=start.prompt)
+
+
+def _asdict(stats: object) -> dict[str, int]:
+    return {name: getattr(stats, name) for name in getattr(stats, "__slots__", ())}

@@ -1,0 +1,162 @@
+"""Per-device reassembly: frames in any order in, one session's audio in order out.
+
+Pure logic, no I/O and no clock, so property tests can drive it with any arrival order.
+A frame of a new session id starts a new session (and supersedes the running one); a
+FIRST frame repeated on the running session restarts it (the device rebooted and reused
+its id); frames of recently closed sessions are stale and dropped, so a late straggler
+cannot tear down the session that replaced it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from firmware_protocol import AudioFrame
+
+
+@dataclass(slots=True)
+class StreamStats:
+    frames: int = 0
+    duplicates: int = 0
+    reordered: int = 0
+    lost: int = 0
+    late: int = 0
+    stale: int = 0
+
+
+class Arrival(enum.Enum):
+    CONTINUES = "continues"
+    """The frame belongs to the running session."""
+    STARTS = "starts"
+    """The frame opens a new session (the previous one, if any, is superseded)."""
+    STALE = "stale"
+    """The frame belongs to a session already closed; dropped."""
+
+
+@dataclass(slots=True)
+class Reassembler:
+    """Orders one session's frames inside a window of ``window`` frames.
+
+    Frames are released as soon as they are next in sequence. A gap is declared lost
+    once a frame ``window`` places beyond it has arrived (or on :meth:`flush`); a lost
+    frame is replaced by silence of the previous frame's length, so audio offsets stay
+    true to the device's clock.
+    """
+
+    window: int
+    stats: StreamStats
+    expected: int = 0
+    last_seq: int | None = None
+    _pending: dict[int, bytes] = field(default_factory=dict)
+    _lost: set[int] = field(default_factory=set)
+    _frame_bytes: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """The LAST frame and everything before it has been released (or declared lost)."""
+        return self.last_seq is not None and self.expected > self.last_seq
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._pending)
+
+    def push(self, frame: AudioFrame) -> list[bytes]:
+        self.stats.frames += 1
+        seq = frame.seq
+        if seq < self.expected or seq in self._pending:
+            if seq in self._lost:
+                self.stats.late += 1
+            else:
+                self.stats.duplicates += 1
+            return []
+        if frame.last:
+            self.last_seq = seq if self.last_seq is None else min(self.last_seq, seq)
+        if self.last_seq is not None and seq > self.last_seq:
+            self.stats.duplicates += 1  # beyond the announced end: a confused device
+            return []
+        if seq != self.expected:
+            self.stats.reordered += 1
+        self._pending[seq] = frame.payload
+        out = self._release()
+        while self._pending and max(self._pending) - self.expected >= self.window:
+            out.extend(self._skip_gap())
+        return out
+
+    def flush(self) -> list[bytes]:
+        """Declare every gap lost and release what is held (called when the stream goes quiet)."""
+        out: list[bytes] = []
+        while self._pending:
+            out.extend(self._skip_gap())
+        if self.last_seq is not None and self.expected <= self.last_seq:
+            self._mark_lost(self.last_seq + 1 - self.expected)
+            out.extend(self._silence(self.last_seq + 1 - self.expected))
+            self.expected = self.last_seq + 1
+        return out
+
+    def _release(self) -> list[bytes]:
+        out = []
+        while self.expected in self._pending:
+            payload = self._pending.pop(self.expected)
+            if payload:
+                self._frame_bytes = len(payload)
+            out.append(payload)
+            self.expected += 1
+        return out
+
+    def _skip_gap(self) -> list[bytes]:
+        missing = min(self._pending) - self.expected
+        self._mark_lost(missing)
+        silence = self._silence(missing)
+        self.expected += missing
+        return silence + self._release()
+
+    def _mark_lost(self, count: int) -> None:
+        self.stats.lost += count
+        if len(self._lost) < 4096:
+            self._lost.update(range(self.expected, self.expected + count))
+
+    def _silence(self, count: int) -> list[bytes]:
+        return [bytes(self._frame_bytes)] * count if self._frame_bytes else []
+
+
+class DeviceStream:
+    """Tracks which session a device is in and reassembles that session's frames."""
+
+    def __init__(self, device_id: str, window: int, remember: int = 16) -> None:
+        self.device_id = device_id
+        self.stats = StreamStats()
+        self._window = window
+        self.session_id: int | None = None
+        self.reassembler: Reassembler | None = None
+        self._closed: deque[int] = deque(maxlen=remember)
+
+    def classify(self, frame: AudioFrame) -> Arrival:
+        if frame.session_id == self.session_id:
+            restarted = (
+                frame.first and frame.seq == 0 and self.reassembler is not None and self.reassembler.expected > 0
+            )
+            return Arrival.STARTS if restarted else Arrival.CONTINUES
+        if frame.session_id in self._closed:
+            self.stats.stale += 1
+            return Arrival.STALE
+        return Arrival.STARTS
+
+    def begin(self, session_id: int) -> Reassembler:
+        """Make ``session_id`` the running session (closing the previous one)."""
+        if self.session_id is not None:
+            self.close(self.session_id)
+        self.session_id = session_id
+        self.reassembler = Reassembler(self._window, self.stats)
+        return self.reassembler
+
+    def close(self, session_id: int) -> None:
+        if session_id not in self._closed:
+            self._closed.append(session_id)
+        if self.session_id == session_id:
+            self.session_id = None
+            self.reassembler = None
+
+    def is_closed(self, session_id: int) -> bool:
+        return session_id in self._closed

