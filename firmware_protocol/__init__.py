@@ -12,7 +12,7 @@ from firmware_protocol.audio import (
     Codec,
     FrameFlags,
 )
-from firmware_protocol.errors import ErrorCode, ProtocolError
+from firmware_protocol.errors import ErrorCode, ProtocolError, ends_session
 from firmware_protocol.messages import (
     BridgeMessage,
     BridgeStatus,
@@ -30,7 +30,7 @@ from firmware_protocol.messages import (
     decode_device_message,
     encode_message,
 )
-from firmware_protocol.topics import DEFAULT_PREFIX, Topics, TopicKind, is_valid_device_id
+from firmware_protocol.topics import DEFAULT_PREFIX, TopicKind, Topics, is_valid_device_id
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -59,5 +59,6 @@ __all__ = [
     "decode_bridge_message",
     "decode_device_message",
     "encode_message",
+    "ends_session",
     "is_valid_device_id",
 ]

@@ -35,3 +35,8 @@ class ProtocolError(ValueError):
         self.code = code
         self.field = field
         self.reason = reason
+
+
+def ends_session(code: ErrorCode) -> bool:
+    """An error naming a session ends it, except ``utterance_too_long``, which a final follows."""
+    return code is not ErrorCode.UTTERANCE_TOO_LONG

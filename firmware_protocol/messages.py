@@ -35,8 +35,13 @@ class EndReason(enum.StrEnum):
     NO_SPEECH = "no_speech"
 
 
-class _Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, omit_defaults=True):
-    """Unknown fields are ignored so either side can add fields in a minor version."""
+class _Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, omit_defaults=True, kw_only=True):
+    """Unknown fields are ignored so either side can add fields in a minor version.
+
+    Optional fields default to ``None`` (or ``False``) and are left out of the JSON when
+    unset, which keeps messages small for 1 KB device buffers; every field a receiver
+    always needs has no default, so it is always on the wire.
+    """
 
 
 # Device → bridge ---------------------------------------------------------------------------
@@ -65,7 +70,7 @@ class Listening(_Message, tag="listening"):
 
     session: SessionId
     endpointing: Endpointing
-    sample_rate: int = 16000
+    sample_rate: int
 
 
 class SpeechStarted(_Message, tag="speech_started"):
@@ -89,18 +94,19 @@ class Transcript(_Message, tag="transcript"):
     final: bool
     text: str
     backend: str
-    start_ms: int = 0
-    end_ms: int = 0
+    start_ms: int
+    end_ms: int
     language: str | None = None
     latency_ms: int | None = None
     reason: EndReason | None = None
     truncated: bool = False
+    """Present (true) only when the text was cut to fit the device's buffer."""
 
 
 class Error(_Message, tag="error"):
     code: ErrorCode
     message: str
-    retryable: bool = False
+    retryable: bool
     session: int | None = None
 
 
@@ -108,14 +114,14 @@ class BridgeStatus(_Message, tag="status"):
     state: str  # "online" | "offline"
     version: str
     instance: str
-    protocol: int = 1
+    protocol: int
 
 
 BridgeMessage = Listening | SpeechStarted | SpeechEnded | Transcript | Error | BridgeStatus
 
 _encoder = msgspec.json.Encoder()
-_device_decoder = msgspec.json.Decoder(DeviceMessage)
-_bridge_decoder = msgspec.json.Decoder(BridgeMessage)
+_device_decoder: msgspec.json.Decoder[DeviceMessage] = msgspec.json.Decoder(DeviceMessage)
+_bridge_decoder: msgspec.json.Decoder[BridgeMessage] = msgspec.json.Decoder(BridgeMessage)
 
 
 def encode_message(message: DeviceMessage | BridgeMessage) -> bytes:

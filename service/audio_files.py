@@ -32,7 +32,8 @@ def read_wav_16k_mono(path: str | Path) -> np.ndarray:
     mono = samples.mean(axis=1)
     if rate != TARGET_RATE:
         mono = _resample(mono, rate, TARGET_RATE)
-    return np.clip(np.round(mono), -32768, 32767).astype(np.int16)
+    pcm: np.ndarray = np.clip(np.round(mono), -32768, 32767).astype(np.int16)
+    return pcm
 
 
 def _resample(signal: np.ndarray, rate: int, target: int) -> np.ndarray:
@@ -45,7 +46,8 @@ def _resample(signal: np.ndarray, rate: int, target: int) -> np.ndarray:
     out = np.zeros(keep, dtype=complex)
     n = min(keep, len(spectrum))
     out[:n] = spectrum[:n]
-    return np.fft.irfft(out, n_out) * (n_out / len(signal))
+    resampled: np.ndarray = np.fft.irfft(out, n_out) * (n_out / len(signal))
+    return resampled
 
 
 def write_wav(path: str | Path, pcm: np.ndarray, rate: int = TARGET_RATE) -> None:

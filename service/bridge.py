@@ -42,9 +42,7 @@ class Bridge:
         self.topics = Topics(config.mqtt.topic_prefix)
         self.backend = backend or build_backend(config)
         self.vad = VadBatcher(SileroModel())
-        self.link = MqttLink(
-            config.mqtt, self.topics, self._dispatch, instance=self.instance, version=__version__
-        )
+        self.link = MqttLink(config.mqtt, self.topics, self._dispatch, instance=self.instance, version=__version__)
         publisher = DevicePublisher(self.topics, self.link.publish, config.session.max_device_message_bytes)
         services = SessionServices(
             backend=self.backend,

@@ -162,17 +162,14 @@ def parse_config(text: str, filename: str = "<config>", env: typing.Mapping[str,
         problems.append(ConfigProblem(filename, lines.find(path), path, message))
 
     raw = _expand_env(raw, "", env, report)
-    _validate(raw, Config, "", report)
-    # Semantic checks run on every section that decoded, so one bad section hides nothing else.
-    for field in msgspec.structs.fields(Config):
-        try:
-            section = msgspec.convert(raw.get(field.name, {}), field.type)
-        except msgspec.ValidationError:
-            continue
-        _SEMANTIC_CHECKS.get(field.name, _no_check)(section, report)
+    valid = _validate(raw, Config, "", report)
+    # Semantic checks run on what did validate, with defaults for what did not.
+    partial = msgspec.convert(valid, Config)
+    for check in _SEMANTIC_CHECKS:
+        check(partial, report)
     if problems:
         raise ConfigError(problems)
-    return msgspec.convert(raw, Config)
+    return partial
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -210,12 +207,17 @@ def _struct_of(tp: Any) -> type[msgspec.Struct] | None:
     return None
 
 
-def _validate(raw: Any, struct: type[msgspec.Struct], path: str, report: Report) -> None:
-    """Check each field on its own so that one bad value does not hide the next."""
+def _validate(raw: Any, struct: type[msgspec.Struct], path: str, report: Report) -> dict[str, Any]:
+    """Check each field on its own so that one bad value does not hide the next.
+
+    Returns the table without the fields that failed, so later checks can still run on
+    the rest (a bad ``asr.vad.threshold`` must not hide an unknown ``asr.platform``).
+    """
     if not isinstance(raw, dict):
         report(path or "<root>", f"expected a table, got {type(raw).__name__}")
-        return
+        return {}
     fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    valid: dict[str, Any] = {}
     for key in raw:
         if key not in fields:
             known = ", ".join(sorted(fields))
@@ -227,19 +229,18 @@ def _validate(raw: Any, struct: type[msgspec.Struct], path: str, report: Report)
             continue
         sub = _struct_of(field.type)
         if sub is not None and isinstance(raw[name], dict):
-            _validate(raw[name], sub, _join(path, name), report)
+            valid[name] = _validate(raw[name], sub, _join(path, name), report)
             continue
         try:
             msgspec.convert(raw[name], field.type)
+            valid[name] = raw[name]
         except msgspec.ValidationError as exc:
             report(_join(path, name), str(exc))
+    return valid
 
 
-def _no_check(section: Any, report: Report) -> None:
-    pass
-
-
-def _check_mqtt(mqtt: MqttConfig, report: Report) -> None:
+def _check_mqtt(config: Config, report: Report) -> None:
+    mqtt = config.mqtt
     url = urlsplit(mqtt.url)
     if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
         report("mqtt.url", f"expected mqtt://host[:port] or mqtts://host[:port], got {mqtt.url!r}")
@@ -249,7 +250,8 @@ def _check_mqtt(mqtt: MqttConfig, report: Report) -> None:
         report("mqtt.topic_prefix", "use letters, digits, '_', '-' and '/' separators, no wildcards")
 
 
-def _check_asr(asr: AsrConfig, report: Report) -> None:
+def _check_asr(config: Config, report: Report) -> None:
+    asr = config.asr
     if asr.platform not in PLATFORM_ALIASES:
         if asr.platform in PLANNED_PLATFORMS:
             report("asr.platform", f"{asr.platform!r} is not available in this version (available: pocketsphinx)")
@@ -263,17 +265,13 @@ def _check_asr(asr: AsrConfig, report: Report) -> None:
         report("asr.vad.neg_threshold", "must be below asr.vad.threshold")
 
 
-def _check_devices(devices: DevicesConfig, report: Report) -> None:
-    for i, device in enumerate(devices.allow):
+def _check_devices(config: Config, report: Report) -> None:
+    for i, device in enumerate(config.devices.allow):
         if not is_valid_device_id(device):
             report(f"devices.allow[{i}]", f"{device!r} is not a valid device id ([A-Za-z0-9_-]{{1,64}})")
 
 
-_SEMANTIC_CHECKS: dict[str, typing.Callable[[Any, Report], None]] = {
-    "mqtt": _check_mqtt,
-    "asr": _check_asr,
-    "devices": _check_devices,
-}
+_SEMANTIC_CHECKS: tuple[typing.Callable[[Config, Report], None], ...] = (_check_mqtt, _check_asr, _check_devices)
 
 
 def _line_from_toml_error(message: str) -> int | None:

@@ -25,6 +25,7 @@ from firmware_protocol import (
     AudioFrame,
     BridgeMessage,
     Endpointing,
+    Error,
     FrameFlags,
     ProtocolError,
     SpeechEnded,
@@ -35,6 +36,7 @@ from firmware_protocol import (
     Transcript,
     decode_bridge_message,
     encode_message,
+    ends_session,
 )
 from service.audio_files import UnsupportedAudio, read_wav_16k_mono
 
@@ -119,7 +121,7 @@ async def send_utterance(
         async def receive() -> None:
             async for message in client.messages:
                 try:
-                    decoded = decode_bridge_message(bytes(message.payload))  # type: ignore[arg-type]
+                    decoded = decode_bridge_message(bytes(message.payload))
                 except ProtocolError:
                     continue
                 if getattr(decoded, "session", None) not in (session_id, None):
@@ -132,7 +134,7 @@ async def send_utterance(
                     speech_ended.set()
                 if isinstance(decoded, Transcript) and decoded.final:
                     return
-                if decoded.__struct_config__.tag == "error" and getattr(decoded, "session", None) == session_id:
+                if isinstance(decoded, Error) and decoded.session == session_id and ends_session(decoded.code):
                     return
 
         async with asyncio.timeout(timeout_s):
@@ -157,7 +159,7 @@ def _describe(item: Received) -> str:
             return f"{stamp} final: {shown}  (backend {m.backend}, {m.latency_ms} ms after end of speech)"
         return f"{stamp} partial: {m.text}"
     tag = m.__struct_config__.tag
-    fields = {k: v for k, v in msgspec.structs.asdict(m).items() if k != "session"}
+    fields = {k: v for k, v in msgspec.to_builtins(m).items() if k not in ("session", "type")}
     return f"{stamp} {tag}: {fields}"
 
 

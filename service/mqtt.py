@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 import aiomqtt
 import structlog
 from aiomqtt import ProtocolVersion
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from firmware_protocol import BridgeStatus, Topics, encode_message
+from firmware_protocol import PROTOCOL_VERSION, BridgeStatus, Topics, encode_message
 from service.config import MqttConfig
 
 log = structlog.get_logger(__name__)
@@ -57,14 +57,16 @@ class MqttLink:
         self.stats = LinkStats()
 
     def _status(self, state: str) -> bytes:
-        return encode_message(BridgeStatus(state=state, version=self._version, instance=self._instance))
+        return encode_message(
+            BridgeStatus(state=state, version=self._version, instance=self._instance, protocol=PROTOCOL_VERSION)
+        )
 
     def _make_client(self) -> aiomqtt.Client:
         url = urlsplit(self._config.url)
         tls: ssl.SSLContext | None = None
         if url.scheme == "mqtts":
             tls = ssl.create_default_context(cafile=self._config.ca_file or None)
-        connect_properties = Properties(PacketTypes.CONNECT)
+        connect_properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         connect_properties.SessionExpiryInterval = 0
         return aiomqtt.Client(
             hostname=url.hostname or "localhost",

@@ -17,8 +17,8 @@ import structlog
 
 from firmware_protocol import (
     BridgeMessage,
-    EndReason,
     Endpointing,
+    EndReason,
     Error,
     ErrorCode,
     Listening,
@@ -71,6 +71,15 @@ class Session:
         self._cancelled = asyncio.Event()
         self._samples = 0
         self._max_samples = int(services.session.max_utterance_s * 16000)
+        self._stream: RecognitionStream | None = None
+        self._started_ms: int | None = None
+        self._endpointer = (
+            Endpointer(services.vad_config, services.session.no_speech_timeout_ms)
+            if endpointing is Endpointing.SERVER_VAD
+            else None
+        )
+        self._vad_stream = VadStream()
+        self._vad_pending = np.zeros(0, dtype=np.float32)
         self.ended = False
         self.log = structlog.get_logger(__name__).bind(device=device_id, session=session_id)
 
@@ -99,7 +108,9 @@ class Session:
                 await self._turn()
             except Exception as exc:  # never let one device's failure escape to the service
                 self.log.exception("session.failed")
-                self._emit(Error(code=ErrorCode.INTERNAL, message=type(exc).__name__, session=self.session_id))
+                self._emit(
+                    Error(code=ErrorCode.INTERNAL, message=type(exc).__name__, retryable=True, session=self.session_id)
+                )
             finally:
                 self.ended = True
                 self._outbox.put_nowait(None)
@@ -113,94 +124,106 @@ class Session:
             await self._services.publisher.send(self.device_id, message)
 
     async def _turn(self) -> None:
-        services = self._services
-        self._emit(Listening(session=self.session_id, endpointing=self.endpointing))
-        stream: RecognitionStream | None = None
-        server_vad = self.endpointing is Endpointing.SERVER_VAD
-        endpointer = Endpointer(services.vad_config, services.session.no_speech_timeout_ms) if server_vad else None
-        vad_stream = VadStream()
-        pending = np.zeros(0, dtype=np.float32)
-        started_ms: int | None = None
-        end = TurnEnd(0, EndReason.TIMEOUT)
+        self._emit(Listening(session=self.session_id, endpointing=self.endpointing, sample_rate=16000))
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(services.session.idle_timeout_s):
-                        item = await self._audio.get()
-                except TimeoutError:
-                    end = TurnEnd(self._offset_ms(), EndReason.TIMEOUT)
-                    break
-                if isinstance(item, _End):
-                    end = TurnEnd(self._offset_ms(), item.reason)
-                    break
-                if stream is None:
-                    stream = services.backend.open(self.options, self._on_partial)
-                if self._samples + len(item) > self._max_samples:
-                    item = item[: self._max_samples - self._samples]
-                    end = TurnEnd(self._max_samples // SAMPLES_PER_MS, EndReason.MAX_LENGTH)
-                stream.feed(item)
-                self._samples += len(item)
-                if endpointer is None:
-                    if started_ms is None and len(item):
-                        started_ms = 0
-                        self._emit(SpeechStarted(session=self.session_id, offset_ms=0))
-                else:
-                    pending = np.concatenate([pending, item.astype(np.float32) / 32768.0])
-                    while len(pending) >= WINDOW and not endpointer.finished:
-                        window, pending = pending[:WINDOW], pending[WINDOW:]
-                        for event in endpointer.update(await services.vad.score(vad_stream, window)):
-                            if isinstance(event, SpeechStart):
-                                started_ms = event.offset_ms
-                                self._emit(SpeechStarted(session=self.session_id, offset_ms=event.offset_ms))
-                            elif isinstance(event, TurnEnd):
-                                end = event
-                    if endpointer.finished:
-                        break
-                if end.reason is EndReason.MAX_LENGTH:
-                    self._emit(
-                        Error(
-                            code=ErrorCode.UTTERANCE_TOO_LONG,
-                            message=f"utterance longer than {services.session.max_utterance_s:g} s; transcribing what came",
-                            session=self.session_id,
-                        )
-                    )
-                    break
+            end = await self._listen()
             self._emit(SpeechEnded(session=self.session_id, offset_ms=end.offset_ms, reason=end.reason))
-            ended_at = time.monotonic()
-            if end.reason is EndReason.CANCEL or self._cancelled.is_set():
-                return
-            heard_nothing = stream is None or end.reason is EndReason.NO_SPEECH or (server_vad and started_ms is None)
-            if heard_nothing:
-                result = Recognition("", reason=EndReason.NO_SPEECH)
-            else:
-                assert stream is not None
-                try:
-                    result = await self._finish(stream)
-                except BackendError as exc:
-                    self._emit(Error(code=exc.code, message=str(exc), retryable=exc.retryable, session=self.session_id))
-                    return
-                finally:
-                    stream = None
-                if result is None:
-                    return
-            latency_ms = round((time.monotonic() - ended_at) * 1000)
+            if end.reason is not EndReason.CANCEL and not self._cancelled.is_set():
+                await self._conclude(end)
+        finally:
+            if self._stream is not None:
+                await self._stream.cancel()
+
+    async def _listen(self) -> TurnEnd:
+        """Take audio until the turn ends: VAD, LAST frame, cancel, length cap or silence on the wire."""
+        while True:
+            try:
+                async with asyncio.timeout(self._services.session.idle_timeout_s):
+                    item = await self._audio.get()
+            except TimeoutError:
+                return TurnEnd(self._offset_ms(), EndReason.TIMEOUT)
+            if isinstance(item, _End):
+                return TurnEnd(self._offset_ms(), item.reason)
+            if (end := await self._take(item)) is not None:
+                return end
+
+    async def _take(self, pcm: np.ndarray) -> TurnEnd | None:
+        if self._stream is None:
+            self._stream = self._services.backend.open(self.options, self._on_partial)
+        room = self._max_samples - self._samples
+        too_long = len(pcm) > room
+        if too_long:
+            pcm = pcm[:room]
+        self._stream.feed(pcm)
+        self._samples += len(pcm)
+        if self._endpointer is not None:
+            end = await self._detect(pcm)
+        else:
+            end = None
+            self._device_speaks(pcm)
+        if end is None and too_long:
+            limit = self._services.session.max_utterance_s
             self._emit(
-                Transcript(
+                Error(
+                    code=ErrorCode.UTTERANCE_TOO_LONG,
+                    message=f"utterance longer than {limit:g} s; transcribing what came",
+                    retryable=False,
                     session=self.session_id,
-                    final=True,
-                    text=result.text,
-                    backend=services.backend.name,
-                    start_ms=started_ms or 0,
-                    end_ms=end.offset_ms,
-                    language=result.language,
-                    latency_ms=latency_ms,
-                    reason=result.reason,
                 )
             )
-            self.log.info("session.final", chars=len(result.text), latency_ms=latency_ms, reason=end.reason.value)
-        finally:
+            end = TurnEnd(self._offset_ms(), EndReason.MAX_LENGTH)
+        return end
+
+    def _device_speaks(self, pcm: np.ndarray) -> None:
+        """Push-to-talk: the device says speech starts with its first audio."""
+        if self._started_ms is None and len(pcm):
+            self._started_ms = 0
+            self._emit(SpeechStarted(session=self.session_id, offset_ms=0))
+
+    async def _detect(self, pcm: np.ndarray) -> TurnEnd | None:
+        assert self._endpointer is not None
+        self._vad_pending = np.concatenate([self._vad_pending, pcm.astype(np.float32) / 32768.0])
+        while len(self._vad_pending) >= WINDOW:
+            window, self._vad_pending = self._vad_pending[:WINDOW], self._vad_pending[WINDOW:]
+            for event in self._endpointer.update(await self._services.vad.score(self._vad_stream, window)):
+                if isinstance(event, SpeechStart):
+                    self._started_ms = event.offset_ms
+                    self._emit(SpeechStarted(session=self.session_id, offset_ms=event.offset_ms))
+                elif isinstance(event, TurnEnd):
+                    return event
+        return None
+
+    async def _conclude(self, end: TurnEnd) -> None:
+        """Publish the final: the backend's, or an empty one when nobody spoke."""
+        ended_at = time.monotonic()
+        stream, self._stream = self._stream, None
+        if stream is None or end.reason is EndReason.NO_SPEECH or self._started_ms is None:
             if stream is not None:
                 await stream.cancel()
+            result: Recognition | None = Recognition("", reason=EndReason.NO_SPEECH)
+        else:
+            try:
+                result = await self._finish(stream)
+            except BackendError as exc:
+                self._emit(Error(code=exc.code, message=str(exc), retryable=exc.retryable, session=self.session_id))
+                return
+        if result is None:
+            return
+        latency_ms = round((time.monotonic() - ended_at) * 1000)
+        self._emit(
+            Transcript(
+                session=self.session_id,
+                final=True,
+                text=result.text,
+                backend=self._services.backend.name,
+                start_ms=self._started_ms or 0,
+                end_ms=end.offset_ms,
+                language=result.language,
+                latency_ms=latency_ms,
+                reason=result.reason,
+            )
+        )
+        self.log.info("session.final", chars=len(result.text), latency_ms=latency_ms, reason=end.reason.value)
 
     async def _finish(self, stream: RecognitionStream) -> Recognition | None:
         """The backend's final, unless the session is cancelled meanwhile (then ``None``)."""
@@ -232,6 +255,7 @@ class Session:
                     final=False,
                     text=text,
                     backend=self._services.backend.name,
+                    start_ms=0,
                     end_ms=self._offset_ms(),
                 )
             )

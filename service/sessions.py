@@ -14,7 +14,6 @@ import aiomqtt
 import structlog
 
 from firmware_protocol import (
-    HEADER_SIZE,
     AudioFrame,
     Cancel,
     Codec,
@@ -123,7 +122,12 @@ class SessionManager:
             return
         if frame.codec != Codec.PCM_S16LE:
             self.stats.rejected += 1
-            self._error(device_id, ErrorCode.UNSUPPORTED_CODEC, f"codec: {int(frame.codec)} is not supported (0 = PCM s16le)", frame.session_id)
+            self._error(
+                device_id,
+                ErrorCode.UNSUPPORTED_CODEC,
+                f"codec: {int(frame.codec)} is not supported (0 = PCM s16le)",
+                frame.session_id,
+            )
             return
         if frame.sample_rate != 16000 or frame.channels != 1:
             self.stats.rejected += 1
@@ -183,8 +187,10 @@ class SessionManager:
         elif self._active >= self._config.session.max_sessions or not self._accepting:
             self.stats.sessions_refused += 1
             device.stream.close(session_id)
-            reason = "the bridge is shutting down" if not self._accepting else (
-                f"{self._config.session.max_sessions} sessions are active; retry shortly"
+            reason = (
+                "the bridge is shutting down"
+                if not self._accepting
+                else (f"{self._config.session.max_sessions} sessions are active; retry shortly")
             )
             self._error(device_id, ErrorCode.TOO_MANY_SESSIONS, reason, session_id, retryable=True)
             return False
@@ -196,9 +202,9 @@ class SessionManager:
             session_id,
             self._services,
             endpointing=(start.endpointing if start and start.endpointing else self._config.session.endpointing),
-            options=_options(start) if start else SessionOptions(
-                language=self._config.asr.lang or None, prompt=self._config.asr.prompt or None
-            ),
+            options=_options(start)
+            if start
+            else SessionOptions(language=self._config.asr.lang or None, prompt=self._config.asr.prompt or None),
         )
         if device.session is None:
             self._active += 1
@@ -213,8 +219,8 @@ class SessionManager:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             session.log.error("session.crashed", error=repr(task.exception()))
-        device.stream.close(session.session_id)
-        if device.session is session:
+        if device.session is session:  # else a newer session already replaced it in the stream
+            device.stream.close(session.session_id)
             device.session = None
             self._active -= 1
         session.log.debug("session.closed", **_asdict(device.stream.stats))

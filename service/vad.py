@@ -36,9 +36,7 @@ class SileroModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(
-            path or silero_model_path(), options, providers=["CPUExecutionProvider"]
-        )
+        self._session = ort.InferenceSession(path or silero_model_path(), options, providers=["CPUExecutionProvider"])
         self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
 
     def score(self, inputs: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

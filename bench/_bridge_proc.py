@@ -1,0 +1,320 @@
+"""Child processes of ``bench/bridge_throughput.py``: the bridge under test and the bare subscriber.
+
+Not meant to be run by hand. Both roles speak the same line protocol with the parent:
+
+* child → parent (stdout): ``{"ready": ...}`` once subscribed, later ``{"result": ...}``;
+* parent → child (stdin): a ``{"w0": t, "w1": t}`` line (the measurement window, in
+  ``time.monotonic()`` seconds, which is one clock for every process on Linux), then a
+  ``stop`` line when the load generators are done.
+
+``--role bridge`` runs :class:`service.bridge.Bridge` with an instant fake backend (a
+:class:`RecognitionStream` whose ``finish`` returns a fixed text at once), so everything
+measured is the bridge's own overhead. ``--role subscriber`` is the ceiling: a bare
+aiomqtt MQTT 5 client on the same audio filter, counting messages and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from firmware_protocol import Topics
+from service.backends.base import (
+    PartialCallback,
+    Recognition,
+    RecognitionStream,
+    SessionOptions,
+    TranscriptionBackend,
+)
+from service.bridge import Bridge
+from service.config import parse_config
+from service.logs import configure
+
+FINAL_TEXT = "what time is it"
+SAMPLE_EVERY_S = 0.05  # backlog and event-loop lag sampling period inside the window
+
+
+# The fake backend ---------------------------------------------------------------------------
+
+
+class InstantStream(RecognitionStream):
+    """Counts what it is fed; the final is ready the moment it is asked for."""
+
+    __slots__ = ("samples",)
+
+    def __init__(self) -> None:
+        self.samples = 0
+
+    def feed(self, pcm: np.ndarray) -> None:
+        self.samples += len(pcm)
+
+    async def finish(self) -> Recognition:
+        return Recognition(text=FINAL_TEXT, language="en")
+
+    async def cancel(self) -> None:
+        pass
+
+
+class InstantBackend(TranscriptionBackend):
+    name = "instant"
+
+    def __init__(self) -> None:
+        self.opened = 0
+
+    def open(self, options: SessionOptions, on_partial: PartialCallback) -> RecognitionStream:
+        self.opened += 1
+        return InstantStream()
+
+
+class CountingBridge(Bridge):
+    """The real bridge; only counts audio messages on their way into the session manager."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.audio_messages = 0
+        self._audio_suffix = "/in/audio"
+
+    def _dispatch(self, message: object) -> None:
+        if message.topic.value.endswith(self._audio_suffix):  # type: ignore[attr-defined]
+            self.audio_messages += 1
+        super()._dispatch(message)
+
+
+# Plumbing shared by both roles ------------------------------------------------------------------
+
+
+def emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def stdin_lines() -> asyncio.Queue[str]:
+    """Lines from the parent; a daemon thread, so a blocked read never holds up exit."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str] = asyncio.Queue()
+
+    def reader() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(queue.put_nowait, line.strip())
+        loop.call_soon_threadsafe(queue.put_nowait, "stop")  # parent gone: stop as well
+
+    threading.Thread(target=reader, daemon=True, name="stdin").start()
+    return queue
+
+
+def proc_status_kb(field: str) -> int:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class WindowProbe:
+    """Counter snapshots at the window edges, plus backlog and event-loop lag inside it."""
+
+    def __init__(self, count: Any, backlog: Any) -> None:
+        self._count = count  # () -> int
+        self._backlog = backlog  # () -> int
+        self.snap: dict[str, float] = {}
+        self.backlog_max = 0
+        self.backlog_sum = 0
+        self.samples = 0
+        self.lags_ms: list[float] = []
+
+    async def run(self, w0: float, w1: float) -> None:
+        await asyncio.sleep(max(0.0, w0 - time.monotonic()))
+        self.snap["t0"], self.snap["n0"] = time.monotonic(), self._count()
+        next_at = time.monotonic() + SAMPLE_EVERY_S
+        while next_at < w1:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            now = time.monotonic()
+            self.lags_ms.append((now - next_at) * 1000)
+            backlog = self._backlog()
+            self.backlog_max = max(self.backlog_max, backlog)
+            self.backlog_sum += backlog
+            self.samples += 1
+            next_at += SAMPLE_EVERY_S
+        await asyncio.sleep(max(0.0, w1 - time.monotonic()))
+        self.snap["t1"], self.snap["n1"] = time.monotonic(), self._count()
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "backlog_max": self.backlog_max,
+            "backlog_mean": self.backlog_sum / self.samples if self.samples else 0.0,
+        }
+        if "n1" in self.snap:
+            dt = self.snap["t1"] - self.snap["t0"]
+            out["window_s"] = dt
+            out["window_messages"] = self.snap["n1"] - self.snap["n0"]
+            out["rate"] = out["window_messages"] / dt if dt > 0 else 0.0
+        if self.lags_ms:
+            lags = np.array(self.lags_ms)
+            out["loop_lag_ms"] = {
+                "p50": float(np.percentile(lags, 50)),
+                "p99": float(np.percentile(lags, 99)),
+                "max": float(lags.max()),
+            }
+        return out
+
+
+class QueueFullCounter(logging.Handler):
+    """aiomqtt logs (does not raise) when its bounded incoming queue drops a message."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "queue is full" in record.getMessage():
+            self.dropped += 1
+
+
+def _queue_len(client: aiomqtt.Client | None) -> int:
+    return len(client.messages) if client is not None else 0
+
+
+async def _serve(lines: asyncio.Queue[str], probe: WindowProbe) -> None:
+    go = json.loads(await lines.get())
+    probe_task = asyncio.create_task(probe.run(go["w0"], go["w1"]))
+    while (await lines.get()) != "stop":
+        pass
+    probe_task.cancel()
+
+
+# Roles --------------------------------------------------------------------------------------------
+
+
+async def run_bridge(args: argparse.Namespace) -> None:
+    host, port = args.host, args.port
+    config = parse_config(
+        f"""
+[mqtt]
+url = "mqtt://{host}:{port}"
+topic_prefix = "{args.prefix}"
+max_queued_messages = {args.max_queued}
+
+[session]
+endpointing = "{args.endpointing}"
+max_sessions = {max(200, 2 * args.devices)}
+
+[log]
+level = "{args.log_level}"
+format = "json"
+"""
+    )
+    configure(config.log.level, config.log.format)
+    drops = QueueFullCounter()
+    logging.getLogger("mqtt").addHandler(drops)
+    backend = InstantBackend()
+    bridge = CountingBridge(config, backend=backend)
+    lines = stdin_lines()
+    runner = asyncio.create_task(bridge.run(drain_timeout=2.0))
+    async with asyncio.timeout(30):
+        await bridge.link.connected.wait()
+    emit({"ready": {"pid": os.getpid(), "rss_kb": proc_status_kb("VmRSS")}})
+
+    probe = WindowProbe(lambda: bridge.audio_messages, lambda: _queue_len(bridge.link._client))
+    await _serve(lines, probe)
+    # Let a backlog (if any) drain a little so "total" counts what the bridge could take.
+    deadline = time.monotonic() + 5.0
+    while _queue_len(bridge.link._client) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    sessions = bridge.sessions.stats
+    emit(
+        {
+            "result": {
+                **probe.result(),
+                "audio_messages": bridge.audio_messages,
+                "messages": sessions.messages,
+                "rejected": sessions.rejected,
+                "sessions_started": sessions.sessions_started,
+                "sessions_refused": sessions.sessions_refused,
+                "backend_streams": backend.opened,
+                "published": bridge.link.stats.published,
+                "publish_dropped": bridge.link.stats.publish_dropped,
+                "queue_full_drops": drops.dropped,
+                "peak_rss_kb": proc_status_kb("VmHWM"),
+                "rss_kb": proc_status_kb("VmRSS"),
+            }
+        }
+    )
+    bridge.stop()
+    try:
+        async with asyncio.timeout(5):
+            await runner
+    except (TimeoutError, asyncio.CancelledError):
+        runner.cancel()
+
+
+async def run_subscriber(args: argparse.Namespace) -> None:
+    topics = Topics(args.prefix)
+    drops = QueueFullCounter()
+    logging.getLogger("mqtt").addHandler(drops)
+    lines = stdin_lines()
+    count = 0
+    # Same client options as the bridge's MqttLink: MQTT 5, clean start, bounded queue,
+    # audio subscribed at QoS 1 (delivered at QoS 0 because devices publish at 0).
+    async with aiomqtt.Client(
+        args.host,
+        args.port,
+        identifier=f"bench-bare-subscriber-{os.getpid()}",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=True,
+        max_queued_incoming_messages=args.max_queued,
+        timeout=10,
+    ) as client:
+        await client.subscribe(topics.audio_filter, qos=1)
+
+        async def counter() -> None:
+            nonlocal count
+            async for _ in client.messages:
+                count += 1
+
+        counting = asyncio.create_task(counter())
+        emit({"ready": {"pid": os.getpid(), "rss_kb": proc_status_kb("VmRSS")}})
+        probe = WindowProbe(lambda: count, lambda: _queue_len(client))
+        await _serve(lines, probe)
+        deadline = time.monotonic() + 5.0
+        while _queue_len(client) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        emit(
+            {
+                "result": {
+                    **probe.result(),
+                    "audio_messages": count,
+                    "queue_full_drops": drops.dropped,
+                    "peak_rss_kb": proc_status_kb("VmHWM"),
+                    "rss_kb": proc_status_kb("VmRSS"),
+                }
+            }
+        )
+        counting.cancel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--role", choices=["bridge", "subscriber"], required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--prefix", default="echokit")
+    parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--endpointing", default="push_to_talk")
+    parser.add_argument("--max-queued", type=int, default=20000, help="aiomqtt incoming queue bound (bridge default)")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args()
+    asyncio.run(run_bridge(args) if args.role == "bridge" else run_subscriber(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Configuration: EchoKit's [asr] accepted as is, every problem reported with its line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from firmware_protocol import Endpointing
+from service.config import ConfigError, load_config, parse_config
+
+CONFIG_DIR = Path(__file__).parent.parent / "config"
+
+
+def test_defaults_match_echokit() -> None:
+    config = parse_config("")
+    vad = config.asr.vad
+    assert (vad.threshold, vad.min_speech_duration_ms, vad.max_silence_duration_ms, vad.hangover_ms) == (
+        0.5,
+        400,
+        200,
+        500,
+    )
+    assert vad.effective_neg_threshold == pytest.approx(0.35)
+    assert config.asr.platform == "pocketsphinx"
+    assert config.session.endpointing is Endpointing.SERVER_VAD
+    assert config.mqtt.topic_prefix == "echokit"
+
+
+def test_echokit_asr_section_is_accepted_as_is() -> None:
+    text = """
+[asr]
+platform = "pocketsphinx"
+url = "https://api.groq.com/openai/v1/audio/transcriptions"
+api_key = "gsk_xxx"
+lang = "en"
+model = "whisper-large-v3"
+prompt = "Hello\\n(noise)\\n"
+vad_url = "http://localhost:9093/v1/audio/vad"
+
+[asr.vad]
+threshold = 0.6
+hangover_ms = 300
+"""
+    config = parse_config(text)
+    assert config.asr.vad.threshold == 0.6 and config.asr.vad.hangover_ms == 300
+    assert config.asr.vad.effective_neg_threshold == pytest.approx(0.45)
+
+
+def test_every_problem_is_listed_with_line_and_field() -> None:
+    text = """[mqtt]
+url = "http://broker"
+[asr]
+platform = "telepathy"
+[asr.vad]
+threshold = 1.5
+min_speech_duration_ms = "long"
+[session]
+max_sessions = 0
+bogus = 1
+[devices]
+allow = ["ok_id", "not ok!"]
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "bridge.toml")
+    found = {(p.field, p.line) for p in caught.value.problems}
+    assert found == {
+        ("mqtt.url", 2),
+        ("asr.platform", 4),
+        ("asr.vad.threshold", 6),
+        ("asr.vad.min_speech_duration_ms", 7),
+        ("session.max_sessions", 9),
+        ("session.bogus", 10),
+        ("devices.allow[1]", 12),
+    }
+    assert "bridge.toml:6: asr.vad.threshold" in str(caught.value)
+
+
+def test_broken_toml_names_the_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config('[mqtt]\nurl = "mqtt://x"\npassword = "unterminated\n', "broken.toml")
+    (problem,) = caught.value.problems
+    assert problem.line == 3 and problem.field == "<toml>"
+
+
+def test_environment_variables_fill_secrets_and_missing_ones_are_named() -> None:
+    text = '[mqtt]\nurl = "mqtt://h:1883"\nusername = "${USER_X}"\npassword = "${PASS_X}"\n'
+    config = parse_config(text, env={"USER_X": "bridge", "PASS_X": "s3cret"})
+    assert (config.mqtt.username, config.mqtt.password) == ("bridge", "s3cret")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, env={"USER_X": "bridge"})
+    (problem,) = caught.value.problems
+    assert problem.field == "mqtt.password" and problem.line == 4 and "PASS_X" in problem.message
+
+
+def test_cloud_platforms_are_recognised_but_not_yet_available() -> None:
+    with pytest.raises(ConfigError, match="not available in this version"):
+        parse_config('[asr]\nplatform = "openai"\nurl = "https://api.openai.com/v1/audio/transcriptions"\n')
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_examples_are_valid(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MQTT_PASSWORD", "x")
+    load_config(path)
+
+
+def test_check_config_command_exits_non_zero_and_lists_problems(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[asr.vad]\nthreshold = 2\n[session]\nmax_sessions = -1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "check-config", str(bad)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert f"{bad}:2: asr.vad.threshold" in result.stderr
+    assert f"{bad}:4: session.max_sessions" in result.stderr
+    good = tmp_path / "good.toml"
+    good.write_text('[mqtt]\nurl = "mqtt://127.0.0.1:1883"\n')
+    ok = subprocess.run(
+        [sys.executable, "-m", "service.cli", "check-config", str(good)], capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and "OK" in ok.stdout

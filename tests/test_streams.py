@@ -1,0 +1,105 @@
+"""Reassembly under reordering, duplicates and loss (property tests on the pure logic)."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from firmware_protocol import AudioFrame, FrameFlags
+from service.streams import Arrival, DeviceStream, Reassembler, StreamStats
+
+
+def _frames(n: int, session: int = 1, size: int = 640, last: bool = True) -> list[AudioFrame]:
+    frames = []
+    for seq in range(n):
+        flags = FrameFlags.FIRST if seq == 0 else FrameFlags.NONE
+        if last and seq == n - 1:
+            flags |= FrameFlags.LAST
+        frames.append(AudioFrame(session, seq, seq.to_bytes(2, "little") * (size // 2), flags))
+    return frames
+
+
+def _shuffle_within(frames: list[AudioFrame], displacement: int, rng: random.Random) -> list[AudioFrame]:
+    """Each frame moves at most ``displacement`` places from where it was sent."""
+    keyed = sorted(frames, key=lambda f: f.seq + rng.uniform(0, displacement))
+    return keyed
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 120), displacement=st.integers(0, 7), dup_rate=st.floats(0, 0.5), seed=st.integers())
+def test_reordering_inside_the_window_and_duplicates_lose_nothing(
+    n: int, displacement: int, dup_rate: float, seed: int
+) -> None:
+    rng = random.Random(seed)
+    frames = _frames(n)
+    wire = []
+    for frame in _shuffle_within(frames, displacement, rng):
+        wire.append(frame)
+        if rng.random() < dup_rate:
+            wire.insert(rng.randint(len(wire) - 1, len(wire)), frame)
+    stats = StreamStats()
+    reassembler = Reassembler(window=8, stats=stats)
+    out = [chunk for frame in wire for chunk in reassembler.push(frame)]
+    out += reassembler.flush()
+    assert out == [f.payload for f in frames]
+    assert reassembler.complete
+    assert stats.lost == 0
+    assert stats.duplicates == len(wire) - n
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(2, 120), data=st.data())
+def test_lost_frames_become_silence_of_frame_length(n: int, data: st.DataObject) -> None:
+    frames = _frames(n)
+    lost = data.draw(st.sets(st.integers(1, n - 2), max_size=n // 3)) if n > 2 else set()
+    stats = StreamStats()
+    reassembler = Reassembler(window=8, stats=stats)
+    out = [chunk for f in frames if f.seq not in lost for chunk in reassembler.push(f)]
+    out += reassembler.flush()
+    expected = [bytes(640) if f.seq in lost else f.payload for f in frames]
+    assert out == expected
+    assert stats.lost == len(lost)
+    assert reassembler.complete
+
+
+def test_a_late_frame_after_its_gap_was_declared_lost_is_counted_late() -> None:
+    frames = _frames(20, last=False)
+    stats = StreamStats()
+    reassembler = Reassembler(window=4, stats=stats)
+    for frame in frames[:2] + frames[3:8]:
+        reassembler.push(frame)
+    assert stats.lost == 1 and reassembler.expected == 8
+    assert reassembler.push(frames[2]) == []
+    assert stats.late == 1 and stats.duplicates == 0
+
+
+def test_flush_declares_missing_tail_up_to_the_last_frame() -> None:
+    frames = _frames(10)
+    stats = StreamStats()
+    reassembler = Reassembler(window=8, stats=stats)
+    for frame in frames[:5] + frames[9:]:
+        reassembler.push(frame)
+    assert not reassembler.complete
+    tail = reassembler.flush()
+    assert len(tail) == 4 + 1 and reassembler.complete and stats.lost == 4
+
+
+def test_device_stream_sessions_new_restart_and_stale() -> None:
+    stream = DeviceStream("dev", window=8)
+    first = _frames(5, session=1)
+    assert stream.classify(first[0]) is Arrival.STARTS
+    stream.begin(1)
+    assert stream.reassembler is not None
+    stream.reassembler.push(first[0])
+    stream.reassembler.push(first[1])
+    assert stream.classify(first[2]) is Arrival.CONTINUES
+    # A repeated FIRST at seq 0 on the running session restarts it (device rebooted).
+    assert stream.classify(first[0]) is Arrival.STARTS
+    # A new id supersedes; the old id's stragglers are stale from then on.
+    second = _frames(3, session=2)
+    assert stream.classify(second[0]) is Arrival.STARTS
+    stream.begin(2)
+    assert stream.classify(first[3]) is Arrival.STALE
+    assert stream.stats.stale == 1
