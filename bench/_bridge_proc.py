@@ -29,13 +29,7 @@ import aiomqtt
 import numpy as np
 
 from firmware_protocol import Topics
-from service.backends.base import (
-    PartialCallback,
-    Recognition,
-    RecognitionStream,
-    SessionOptions,
-    TranscriptionBackend,
-)
+from service.backends import Recognition, RecognitionStream, SessionOptions, TranscriptionBackend
 from service.bridge import Bridge
 from service.config import parse_config
 from service.logs import configure
@@ -71,7 +65,8 @@ class InstantBackend(TranscriptionBackend):
     def __init__(self) -> None:
         self.opened = 0
 
-    def open(self, options: SessionOptions, on_partial: PartialCallback) -> RecognitionStream:
+    def open(self, options: SessionOptions, *args: Any, **kwargs: Any) -> RecognitionStream:
+        """Any listener/partial callback is ignored: this backend never has a partial."""
         self.opened += 1
         return InstantStream()
 

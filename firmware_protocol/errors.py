@@ -20,6 +20,12 @@ class ErrorCode(enum.StrEnum):
     SESSION_TIMEOUT = "session_timeout"
     BACKEND_ERROR = "backend_error"
     BACKEND_UNAVAILABLE = "backend_unavailable"
+    BACKEND_TIMEOUT = "backend_timeout"
+    BACKEND_RATE_LIMITED = "backend_rate_limited"
+    BACKEND_AUTH = "backend_auth"
+    """The backend refused the bridge's credentials (401/403): an operator must fix the config."""
+    BACKEND_REJECTED = "backend_rejected"
+    """The backend refused this request (400/413/422): retrying the same audio will not help."""
     INTERNAL = "internal"
 
 

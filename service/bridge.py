@@ -16,7 +16,7 @@ import structlog
 from firmware_protocol import Topics
 from service import __version__
 from service.backends import BackendError, TranscriptionBackend
-from service.config import Config
+from service.config import PLATFORM_ALIASES, AsrConfig, Config
 from service.mqtt import MqttLink
 from service.publisher import DevicePublisher
 from service.session import SessionServices
@@ -26,13 +26,26 @@ from service.vad import SileroModel, VadBatcher
 log = structlog.get_logger(__name__)
 
 
-def build_backend(config: Config) -> TranscriptionBackend:
-    platform = config.asr.platform
+def build_backend(asr: AsrConfig) -> TranscriptionBackend:
+    """One backend from an ``[asr]`` table; modules load lazily so unused SDK-free code stays cold."""
+    platform = PLATFORM_ALIASES.get(asr.platform)
     if platform == "pocketsphinx":
         from service.backends.pocketsphinx import PocketsphinxBackend
 
-        return PocketsphinxBackend(config.asr)
-    raise BackendError(f"asr.platform {platform!r} is not available", retryable=False)
+        return PocketsphinxBackend(asr)
+    if platform == "openai":
+        from service.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(asr)
+    if platform == "paraformer_v2":
+        from service.backends.paraformer import ParaformerBackend
+
+        return ParaformerBackend(asr)
+    if platform == "elevenlabs":
+        from service.backends.elevenlabs import ElevenLabsBackend
+
+        return ElevenLabsBackend(asr)
+    raise BackendError(f"asr.platform {asr.platform!r} is not available", retryable=False)
 
 
 class Bridge:
@@ -40,7 +53,7 @@ class Bridge:
         self.config = config
         self.instance = uuid.uuid4().hex[:8]
         self.topics = Topics(config.mqtt.topic_prefix)
-        self.backend = backend or build_backend(config)
+        self.backend = backend or build_backend(config.asr)
         self.vad = VadBatcher(SileroModel())
         self.link = MqttLink(config.mqtt, self.topics, self._dispatch, instance=self.instance, version=__version__)
         publisher = DevicePublisher(self.topics, self.link.publish, config.session.max_device_message_bytes)

@@ -73,6 +73,24 @@ class AsrConfig(_Section):
     vad_url: str = ""
     vad_realtime_url: str = ""
     vad: VadConfig = msgspec.field(default_factory=VadConfig)
+    # Network backends (ours; EchoKit hard-codes 3 attempts x 10 s)
+    timeout_s: Positive = 10.0
+    """Per attempt, from sending the request to the final result."""
+    connect_timeout_s: Positive = 3.0
+    max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
+    # openai
+    stream: bool = False
+    """gpt-4o-transcribe family: read SSE ``transcript.text.delta`` events as partials."""
+    # paraformer_v2 (run-task parameters)
+    semantic_punctuation_enabled: bool = True
+    max_sentence_silence: Annotated[int, msgspec.Meta(ge=200, le=6000)] | None = None
+    disfluency_removal_enabled: bool = False
+    heartbeat: bool = False
+    max_sockets: PositiveInt = 100
+    """Concurrent DashScope sockets (one per device, reused across turns)."""
+    # elevenlabs
+    mode: Literal["realtime", "batch"] = "realtime"
+    commit_strategy: Literal["manual", "vad"] = "manual"
     # pocketsphinx (ours)
     grammar: str = ""
     """Path to a JSGF grammar; restricts recognition to a command vocabulary."""
@@ -81,6 +99,8 @@ class AsrConfig(_Section):
     decoders: PositiveInt = 2
     """Pocketsphinx decoders kept loaded; sessions beyond this wait for one."""
     partial_interval_ms: Annotated[int, msgspec.Meta(ge=0)] = 250
+    fallback: list[AsrConfig] = msgspec.field(default_factory=list)
+    """``[[asr.fallback]]``: further backends, in order, for when this one fails or is open-circuit."""
 
 
 class SessionConfig(_Section):
@@ -115,9 +135,16 @@ class Config(_Section):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
 
-PLATFORM_ALIASES = {"pocketsphinx": "pocketsphinx"}
-"""EchoKit platform spellings → our backend names (grows with each backend)."""
-PLANNED_PLATFORMS = {"openai", "OpenAI", "whisper", "Whisper", "paraformer_v2", "elevenlabs"}
+PLATFORM_ALIASES = {
+    "pocketsphinx": "pocketsphinx",
+    "openai": "openai",
+    "OpenAI": "openai",
+    "whisper": "openai",
+    "Whisper": "openai",
+    "paraformer_v2": "paraformer_v2",
+    "elevenlabs": "elevenlabs",
+}
+"""EchoKit's platform spellings (and ours) → backend names."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +234,10 @@ def _struct_of(tp: Any) -> type[msgspec.Struct] | None:
     return None
 
 
+def _list_item(tp: Any) -> Any:
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+
+
 def _validate(raw: Any, struct: type[msgspec.Struct], path: str, report: Report) -> dict[str, Any]:
     """Check each field on its own so that one bad value does not hide the next.
 
@@ -231,6 +262,10 @@ def _validate(raw: Any, struct: type[msgspec.Struct], path: str, report: Report)
         if sub is not None and isinstance(raw[name], dict):
             valid[name] = _validate(raw[name], sub, _join(path, name), report)
             continue
+        item = _struct_of(_list_item(field.type))
+        if item is not None and isinstance(raw[name], list):
+            valid[name] = [_validate(v, item, f"{_join(path, name)}[{i}]", report) for i, v in enumerate(raw[name])]
+            continue
         try:
             msgspec.convert(raw[name], field.type)
             valid[name] = raw[name]
@@ -251,18 +286,25 @@ def _check_mqtt(config: Config, report: Report) -> None:
 
 
 def _check_asr(config: Config, report: Report) -> None:
-    asr = config.asr
-    if asr.platform not in PLATFORM_ALIASES:
-        if asr.platform in PLANNED_PLATFORMS:
-            report("asr.platform", f"{asr.platform!r} is not available in this version (available: pocketsphinx)")
-        else:
-            report("asr.platform", f"unknown platform {asr.platform!r} (available: pocketsphinx)")
-    if asr.grammar and asr.phrases:
-        report("asr.phrases", "set either asr.grammar or asr.phrases, not both")
-    if asr.grammar and not Path(asr.grammar).is_file():
-        report("asr.grammar", f"file not found: {asr.grammar}")
-    if asr.vad.neg_threshold is not None and asr.vad.neg_threshold >= asr.vad.threshold:
+    _check_backend(config.asr, "asr", report)
+    for i, fallback in enumerate(config.asr.fallback):
+        path = f"asr.fallback[{i}]"
+        _check_backend(fallback, path, report)
+        if fallback.fallback:
+            report(f"{path}.fallback", "fallbacks are one list under [asr]; they cannot nest")
+    vad = config.asr.vad
+    if vad.neg_threshold is not None and vad.neg_threshold >= vad.threshold:
         report("asr.vad.neg_threshold", "must be below asr.vad.threshold")
+
+
+def _check_backend(asr: AsrConfig, path: str, report: Report) -> None:
+    if asr.platform not in PLATFORM_ALIASES:
+        available = ", ".join(sorted(PLATFORM_ALIASES))
+        report(f"{path}.platform", f"unknown platform {asr.platform!r} (available: {available})")
+    if asr.grammar and asr.phrases:
+        report(f"{path}.phrases", "set either grammar or phrases, not both")
+    if asr.grammar and not Path(asr.grammar).is_file():
+        report(f"{path}.grammar", f"file not found: {asr.grammar}")
 
 
 def _check_devices(config: Config, report: Report) -> None:
@@ -287,19 +329,26 @@ class _KeyLines:
 
     def __init__(self, text: str) -> None:
         self._lines: dict[str, int] = {}
+        arrays: dict[str, int] = {}  # [[name]] → index of its latest element
         table = ""
         for number, line in enumerate(text.splitlines(), start=1):
             if header := self._HEADER.match(line):
                 table = header.group(1).replace('"', "").replace(" ", "")
+                for name, index in arrays.items():  # [a.b.c] inside the latest [[a.b]] element
+                    if table.startswith(name + "."):
+                        table = f"{name}[{index}]{table[len(name):]}"
+                if line.lstrip().startswith("[["):
+                    arrays[table] = arrays.get(table, -1) + 1
+                    table = f"{table}[{arrays[table]}]"
                 self._lines.setdefault(table, number)
             elif key := self._KEY.match(line):
                 name = key.group(1).replace('"', "")
                 self._lines.setdefault(_join(table, name), number)
 
     def find(self, path: str) -> int | None:
-        path = re.sub(r"\[\d+\]$", "", path)
         while path:
             if path in self._lines:
                 return self._lines[path]
-            path = path.rpartition(".")[0]
+            trimmed = re.sub(r"\[\d+\]$", "", path)
+            path = trimmed if trimmed != path else path.rpartition(".")[0]
         return None

@@ -149,7 +149,7 @@ class Session:
 
     async def _take(self, pcm: np.ndarray) -> TurnEnd | None:
         if self._stream is None:
-            self._stream = self._services.backend.open(self.options, self._on_partial)
+            self._stream = self._services.backend.open(self.options, self)
         room = self._max_samples - self._samples
         too_long = len(pcm) > room
         if too_long:
@@ -215,7 +215,7 @@ class Session:
                 session=self.session_id,
                 final=True,
                 text=result.text,
-                backend=self._services.backend.name,
+                backend=result.backend or self._services.backend.name,
                 start_ms=self._started_ms or 0,
                 end_ms=end.offset_ms,
                 language=result.language,
@@ -247,7 +247,12 @@ class Session:
             return None
         return finish.result()
 
-    def _on_partial(self, text: str) -> None:
+    # StreamListener: what the recognition stream reports while audio flows ---------------------
+
+    def end_of_turn(self) -> None:
+        self.end(EndReason.BACKEND)
+
+    def partial(self, text: str) -> None:
         if not self.ended and not self._cancelled.is_set():
             self._emit(
                 Transcript(

@@ -172,7 +172,7 @@ class SessionManager:
             if device.stream.is_closed(message.session):
                 return
             if device.session is not None and device.session.session_id == message.session:
-                device.session.options = _options(message)  # audio came first; still in time
+                device.session.options = self._options(device_id, message)  # audio came first; in time
                 return
             # Keep the options for the audio to come; a device has one session running at a time.
             device.options = {message.session: message}
@@ -202,9 +202,7 @@ class SessionManager:
             session_id,
             self._services,
             endpointing=(start.endpointing if start and start.endpointing else self._config.session.endpointing),
-            options=_options(start)
-            if start
-            else SessionOptions(language=self._config.asr.lang or None, prompt=self._config.asr.prompt or None),
+            options=self._options(device_id, start),
         )
         if device.session is None:
             self._active += 1
@@ -214,6 +212,15 @@ class SessionManager:
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._finished(device, session, t))
         return True
+
+    def _options(self, device_id: str, start: Start | None) -> SessionOptions:
+        """The device's per-session options over the configured ``asr.lang`` / ``asr.prompt``."""
+        asr = self._config.asr
+        return SessionOptions(
+            language=(start.language if start else None) or asr.lang or None,
+            prompt=(start.prompt if start else None) or asr.prompt or None,
+            device_id=device_id,
+        )
 
     def _finished(self, device: _Device, session: Session, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -265,10 +272,6 @@ class SessionManager:
             await asyncio.wait(pending, timeout=timeout)
         for task in self._tasks:
             task.cancel()
-
-
-def _options(start: Start) -> SessionOptions:
-    return SessionOptions(language=start.language, prompt=start.prompt)
 
 
 def _asdict(stats: object) -> dict[str, int]:

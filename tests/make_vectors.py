@@ -248,27 +248,27 @@ def raw_bridge(description: str, data: bytes) -> tuple[bytes, dict[str, Any]]:
     return message("bridge_message", description, data, canonical=False)
 
 
-ERROR_EXAMPLES: list[tuple[ErrorCode, str, bool, int | None]] = [
-    (ErrorCode.MALFORMED_FRAME, "magic: expected b'EK', got b'ek'", False, None),
-    (ErrorCode.UNSUPPORTED_VERSION, "version: version 2 is not supported (this bridge speaks 1)", False, None),
-    (ErrorCode.UNSUPPORTED_CODEC, "codec: 1 is not supported (0 = PCM s16le)", False, SESSION),
-    (
-        ErrorCode.UNSUPPORTED_FORMAT,
-        "sample_rate/channels: 48000 Hz x 2 is not supported (16000 Hz mono)",
-        False,
-        SESSION,
-    ),
-    (ErrorCode.PAYLOAD_TOO_LARGE, "audio frame of 20016 bytes exceeds 16400", False, None),
-    (ErrorCode.BAD_CONTROL, "$.session: Expected `int` >= 1 - at `$.session`", False, None),
-    (ErrorCode.UNKNOWN_DEVICE, "this device is not in the bridge's devices.allow list", False, None),
-    (ErrorCode.UTTERANCE_TOO_LONG, "utterance longer than 30 s; transcribing what came", False, SESSION),
-    (ErrorCode.TOO_MANY_SESSIONS, "200 sessions are active; retry shortly", True, SESSION),
-    (ErrorCode.SESSION_TIMEOUT, "no audio for 10 s", False, SESSION),
-    (ErrorCode.BACKEND_ERROR, "the pocketsphinx worker died; it was restarted", True, SESSION),
-    (ErrorCode.BACKEND_UNAVAILABLE, "no result within 30 s", True, SESSION),
-    (ErrorCode.INTERNAL, "RuntimeError", True, SESSION),
-]
-
+ERROR_EXAMPLES: dict[str, tuple[str, bool, int | None]] = {
+    # code: (message as the bridge words it, retryable, session)
+    "malformed_frame": ("magic: expected b'EK', got b'ek'", False, None),
+    "unsupported_version": ("version: version 2 is not supported (this bridge speaks 1)", False, None),
+    "unsupported_codec": ("codec: 1 is not supported (0 = PCM s16le)", False, SESSION),
+    "unsupported_format": ("sample_rate/channels: 48000 Hz x 2 is not supported (16000 Hz mono)", False, SESSION),
+    "payload_too_large": ("audio frame of 20016 bytes exceeds 16400", False, None),
+    "bad_control": ("$.session: Expected `int` >= 1 - at `$.session`", False, None),
+    "unknown_device": ("this device is not in the bridge's devices.allow list", False, None),
+    "utterance_too_long": ("utterance longer than 30 s; transcribing what came", False, SESSION),
+    "too_many_sessions": ("200 sessions are active; retry shortly", True, SESSION),
+    "session_timeout": ("no audio for 10 s", False, SESSION),
+    "backend_error": ("the pocketsphinx worker died; it was restarted", True, SESSION),
+    "backend_unavailable": ("no result within 30 s", True, SESSION),
+    "backend_timeout": ("openai: no response within 10 s", True, SESSION),
+    "backend_rate_limited": ("openai: HTTP 429 Too Many Requests", True, SESSION),
+    "backend_auth": ("openai: HTTP 401 Unauthorized", False, SESSION),
+    "backend_rejected": ("openai: HTTP 413 Request Entity Too Large", False, SESSION),
+    "internal": ("RuntimeError", True, SESSION),
+}
+"""One example per error code (message texts of codes the bridge does not send yet are illustrative)."""
 
 RESERVED_CODES = {ErrorCode.SESSION_TIMEOUT}
 
@@ -384,7 +384,10 @@ def message_vectors() -> dict[str, tuple[bytes, dict[str, Any]]]:
         vectors[f"bridge_speech_ended_{reason.value}"] = bridge(
             f"turn over, reason {reason.value}", SpeechEnded(session=s, offset_ms=offset, reason=reason)
         )
-    for code, text, retryable, session in ERROR_EXAMPLES:
+    missing = [code.value for code in ErrorCode if code.value not in ERROR_EXAMPLES]
+    assert not missing, f"add an example to ERROR_EXAMPLES for every error code: {missing}"
+    for code in ErrorCode:
+        text, retryable, session = ERROR_EXAMPLES[code.value]
         note = " (reserved: not sent by this bridge version)" if code in RESERVED_CODES else ""
         vectors[f"bridge_error_{code.value}"] = bridge(
             f"error {code.value}{note}", Error(code=code, message=text, retryable=retryable, session=session)

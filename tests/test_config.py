@@ -95,9 +95,32 @@ def test_environment_variables_fill_secrets_and_missing_ones_are_named() -> None
     assert problem.field == "mqtt.password" and problem.line == 4 and "PASS_X" in problem.message
 
 
-def test_cloud_platforms_are_recognised_but_not_yet_available() -> None:
-    with pytest.raises(ConfigError, match="not available in this version"):
-        parse_config('[asr]\nplatform = "openai"\nurl = "https://api.openai.com/v1/audio/transcriptions"\n')
+@pytest.mark.parametrize("platform", ["openai", "OpenAI", "whisper", "Whisper", "paraformer_v2", "elevenlabs"])
+def test_echokit_platform_spellings_are_accepted(platform: str) -> None:
+    assert parse_config(f'[asr]\nplatform = "{platform}"\n').asr.platform == platform
+
+
+def test_fallbacks_are_checked_one_by_one_with_their_lines() -> None:
+    text = """[asr]
+platform = "openai"
+
+[[asr.fallback]]
+platform = "pocketsphinx"
+timeout_s = -1
+
+[[asr.fallback]]
+platform = "carrier-pigeon"
+[asr.fallback.vad]
+threshold = 7
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    found = {(p.field, p.line) for p in caught.value.problems}
+    assert found == {
+        ("asr.fallback[0].timeout_s", 6),
+        ("asr.fallback[1].platform", 9),
+        ("asr.fallback[1].vad.threshold", 11),
+    }
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.name)

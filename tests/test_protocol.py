@@ -106,6 +106,10 @@ def test_vector_directory_is_populated_and_paired() -> None:
             kinds.setdefault(meta["kind"], set()).add(meta["decoded"]["type"])
     assert kinds["device_message"] == {"start", "cancel"}
     assert kinds["bridge_message"] == {"listening", "speech_started", "speech_ended", "transcript", "error", "status"}
+    for code in ErrorCode:
+        assert (VECTORS / f"bridge_error_{code.value}.msg").is_file(), code
+    for reason in EndReason:
+        assert (VECTORS / f"bridge_speech_ended_{reason.value}.msg").is_file(), reason
 
 
 def test_vectors_are_reproducible() -> None:
@@ -498,6 +502,7 @@ def test_invalid_kinds(kind: str) -> None:
 def test_parse_returns_invalid_ids_for_the_caller_to_judge() -> None:
     assert Topics().parse("echokit//in/audio") == ("", TopicKind.AUDIO)
     assert Topics().parse("echokit/a b/in/control") == ("a b", TopicKind.CONTROL)
+    assert Topics().parse("echokit/status/in/audio") == ("status", TopicKind.AUDIO)  # no clash with the status topic
     assert not is_valid_device_id("") and not is_valid_device_id("a b")
 
 
@@ -584,6 +589,12 @@ def test_protocol_md_header_table_matches_the_struct(protocol_md: str) -> None:
         (13, 1, "channels"),
         (14, 2, "sample_rate"),
     ]
+
+
+def test_protocol_md_hex_example_is_the_first_frame_vector(protocol_md: str) -> None:
+    rows = re.findall(r"^((?:[0-9A-F]{2} ){8} (?:[0-9A-F]{2} ?){8}) ", protocol_md, flags=re.MULTILINE)
+    assert len(rows) == 2
+    assert bytes.fromhex("".join(rows)) == (VECTORS / "frame_first.bin").read_bytes()
 
 
 def test_protocol_md_limits_match_the_defaults(protocol_md: str) -> None:

@@ -5,7 +5,15 @@ from service.backends.base import (
     Recognition,
     RecognitionStream,
     SessionOptions,
+    StreamListener,
     TranscriptionBackend,
 )
 
-__all__ = ["BackendError", "Recognition", "RecognitionStream", "SessionOptions", "TranscriptionBackend"]
+__all__ = [
+    "BackendError",
+    "Recognition",
+    "RecognitionStream",
+    "SessionOptions",
+    "StreamListener",
+    "TranscriptionBackend",
+]

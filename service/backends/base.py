@@ -8,20 +8,30 @@ buffers and transcribes the whole utterance in :meth:`finish`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from firmware_protocol import EndReason, ErrorCode
 
-PartialCallback = Callable[[str], None]
+
+class StreamListener(Protocol):
+    """What a recognition stream may tell its session while audio still flows."""
+
+    def partial(self, text: str) -> None:
+        """A new interim hypothesis."""
+
+    def end_of_turn(self) -> None:
+        """The engine decided the speaker finished (DashScope ``sentence_end``, a VAD commit)."""
 
 
 @dataclass(frozen=True, slots=True)
 class SessionOptions:
     language: str | None = None
     prompt: str | None = None
+    device_id: str = ""
+    """Lets engines keep per-device state, e.g. one DashScope socket per device across turns."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,15 +40,29 @@ class Recognition:
     language: str | None = None
     reason: EndReason | None = None
     """Set with an empty text when the backend heard no speech."""
+    backend: str | None = None
+    """The backend that produced it, when not the configured primary (failover)."""
 
 
 class BackendError(Exception):
     """A failed recognition, reported to the device with ``code`` and ``retryable``."""
 
-    def __init__(self, message: str, *, code: ErrorCode = ErrorCode.BACKEND_ERROR, retryable: bool = True) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode = ErrorCode.BACKEND_ERROR,
+        retryable: bool = True,
+        failover: bool | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        """The server's advice (``Retry-After``); the retry policy waits this long instead of backing off."""
+        self.failover = retryable if failover is None else failover
+        """Whether another backend should be tried (timeouts, 5xx, 429: yes; a rejected request: no)."""
 
 
 class RecognitionStream(abc.ABC):
@@ -88,4 +112,4 @@ class TranscriptionBackend(abc.ABC):
         """Release pools, processes and sockets."""
 
     @abc.abstractmethod
-    def open(self, options: SessionOptions, on_partial: PartialCallback) -> RecognitionStream: ...
+    def open(self, options: SessionOptions, listener: StreamListener) -> RecognitionStream: ...

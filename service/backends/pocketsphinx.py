@@ -27,10 +27,10 @@ from firmware_protocol import EndReason, ErrorCode
 from service.backends import _sphinx_worker as worker
 from service.backends.base import (
     BackendError,
-    PartialCallback,
     Recognition,
     RecognitionStream,
     SessionOptions,
+    StreamListener,
     TranscriptionBackend,
 )
 from service.config import AsrConfig
@@ -115,8 +115,8 @@ class PocketsphinxBackend(TranscriptionBackend):
             w.shutdown()
         self._workers = []
 
-    def open(self, options: SessionOptions, on_partial: PartialCallback) -> RecognitionStream:
-        return _PocketsphinxStream(self, on_partial)
+    def open(self, options: SessionOptions, listener: StreamListener) -> RecognitionStream:
+        return _PocketsphinxStream(self, listener)
 
     async def acquire(self) -> _Worker:
         return await self._idle.get()
@@ -142,9 +142,9 @@ class PocketsphinxBackend(TranscriptionBackend):
 
 
 class _PocketsphinxStream(RecognitionStream):
-    def __init__(self, backend: PocketsphinxBackend, on_partial: PartialCallback) -> None:
+    def __init__(self, backend: PocketsphinxBackend, listener: StreamListener) -> None:
         self._backend = backend
-        self._on_partial = on_partial
+        self._listener = listener
         self._queue: list[bytes] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -187,6 +187,6 @@ class _PocketsphinxStream(RecognitionStream):
                 now = time.monotonic()
                 if hypothesis and hypothesis != last_partial and now - last_sent >= self._backend.partial_interval:
                     last_partial, last_sent = hypothesis, now
-                    self._on_partial(hypothesis)
+                    self._listener.partial(hypothesis)
         finally:
             self._backend.release(w, dirty=dirty)
