@@ -298,6 +298,10 @@ async def run_subscriber(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    if os.environ.get("BENCH_GC_DEBUG"):  # diagnosis only
+        import gc
+
+        gc.set_threshold(*[int(x) for x in os.environ["BENCH_GC_DEBUG"].split(",")])
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--role", choices=["bridge", "subscriber"], required=True)
     parser.add_argument("--host", default="127.0.0.1")

@@ -9,6 +9,7 @@ Bridge → device on ``out/*``: :class:`Listening`, :class:`SpeechStarted`,
 from __future__ import annotations
 
 import enum
+import re
 from typing import Annotated
 
 import msgspec
@@ -107,7 +108,7 @@ class Error(_Message, tag="error"):
     code: ErrorCode
     message: str
     retryable: bool
-    session: int | None = None
+    session: SessionId | None = None
 
 
 class BridgeStatus(_Message, tag="status"):
@@ -134,6 +135,8 @@ def decode_device_message(data: bytes) -> DeviceMessage:
         return _device_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_CONTROL, _path_of(str(exc)), str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_CONTROL, "$", f"invalid UTF-8 at byte {exc.start}") from None
 
 
 def decode_bridge_message(data: bytes) -> BridgeMessage:
@@ -141,11 +144,14 @@ def decode_bridge_message(data: bytes) -> BridgeMessage:
         return _bridge_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_CONTROL, _path_of(str(exc)), str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_CONTROL, "$", f"invalid UTF-8 at byte {exc.start}") from None
 
 
 def _path_of(message: str) -> str:
-    """msgspec ends messages with ``- at `$.field```; return that path, or ``$``."""
+    """The JSON path msgspec names (``- at `$.field```), or a missing field's path, or ``$``."""
     marker = "- at `"
     if marker in message:
         return message.rsplit(marker, 1)[1].rstrip("`")
-    return "$"
+    missing = re.search(r"missing required field `([^`]+)`", message)
+    return f"$.{missing.group(1)}" if missing else "$"

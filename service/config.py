@@ -113,8 +113,8 @@ class SessionConfig(_Section):
     """With server VAD, end the turn empty if nobody speaks this long (EchoKit: 500)."""
     reorder_window: Annotated[int, msgspec.Meta(ge=0, le=256)] = 8
     max_frame_bytes: PositiveInt = 16400
-    max_device_message_bytes: Annotated[int, msgspec.Meta(ge=256)] = 1000
-    """Transcripts are cut to fit ESP-MQTT's default 1024-byte buffer (``truncated`` set)."""
+    max_device_message_bytes: Annotated[int, msgspec.Meta(ge=256)] = 1024
+    """Largest MQTT packet sent to a device (ESP-MQTT's default buffer); longer texts are cut."""
 
 
 class DevicesConfig(_Section):

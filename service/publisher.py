@@ -1,7 +1,8 @@
 """Bridge → device messages: the topic for each message type, QoS, and the size cap.
 
-ESP-MQTT's default buffer is 1024 bytes; a transcript longer than
-``max_device_message_bytes`` is cut on a character boundary and marked ``truncated``.
+ESP-MQTT's default buffer (1024 bytes) holds a whole incoming PUBLISH packet; a bigger one
+reaches the firmware in pieces. ``max_device_message_bytes`` caps the packet, so a long
+transcript is cut on a character boundary (``truncated``) and an error's message shortened.
 """
 
 from __future__ import annotations
@@ -40,20 +41,32 @@ class DevicePublisher:
         self._max_bytes = max_bytes
 
     async def send(self, device_id: str, message: BridgeMessage) -> None:
-        payload = fit(message, self._max_bytes)
         partial = isinstance(message, Transcript) and not message.final
         topic = self._topics.device(device_id, _KIND[type(message)])
-        await self._publish(topic, payload, qos=0 if partial else 1)
+        qos = 0 if partial else 1
+        payload = fit(message, self._max_bytes - packet_overhead(topic, qos))
+        await self._publish(topic, payload, qos=qos)
+
+
+def packet_overhead(topic: str, qos: int) -> int:
+    """Bytes of an MQTT 3.1.1 PUBLISH around its payload: fixed header, topic, packet id."""
+    return 1 + 2 + 2 + len(topic.encode("utf-8")) + (2 if qos else 0)
 
 
 def fit(message: BridgeMessage, max_bytes: int) -> bytes:
-    """Encode; shorten a transcript's text until the message fits in ``max_bytes``."""
+    """Encode; shorten a transcript's text or an error's message until it fits in ``max_bytes``."""
     payload = encode_message(message)
-    if len(payload) <= max_bytes or not isinstance(message, Transcript):
+    if isinstance(message, Transcript):
+        field, value = "text", message.text
+    elif isinstance(message, Error):
+        field, value = "message", message.message
+    else:
         return payload
-    text = message.text.encode("utf-8")
-    while len(payload) > max_bytes and text:
-        text = text[: max(0, len(text) - (len(payload) - max_bytes) - 1)]
-        shortened = text.decode("utf-8", errors="ignore")
-        payload = encode_message(msgspec.structs.replace(message, text=shortened, truncated=True))
+    encoded = value.encode("utf-8")
+    while len(payload) > max_bytes and encoded:
+        encoded = encoded[: max(0, len(encoded) - (len(payload) - max_bytes) - 1)]
+        changes: dict[str, object] = {field: encoded.decode("utf-8", errors="ignore")}
+        if field == "text":
+            changes["truncated"] = True
+        payload = encode_message(msgspec.structs.replace(message, **changes))
     return payload

@@ -73,15 +73,16 @@ class Session:
         self._max_samples = int(services.session.max_utterance_s * 16000)
         self._stream: RecognitionStream | None = None
         self._started_ms: int | None = None
-        self._endpointer = (
-            Endpointer(services.vad_config, services.session.no_speech_timeout_ms)
-            if endpointing is Endpointing.SERVER_VAD
-            else None
-        )
+        self._endpointer = self._make_endpointer()
         self._vad_stream = VadStream()
         self._vad_pending = np.zeros(0, dtype=np.float32)
         self.ended = False
         self.log = structlog.get_logger(__name__).bind(device=device_id, session=session_id)
+
+    def _make_endpointer(self) -> Endpointer | None:
+        if self.endpointing is not Endpointing.SERVER_VAD:
+            return None
+        return Endpointer(self._services.vad_config, self._services.session.no_speech_timeout_ms)
 
     # Called by the session manager (synchronously, from the MQTT dispatch) ------------------
 
@@ -93,6 +94,18 @@ class Session:
         """The device ended the turn (LAST frame) or the stream went quiet."""
         if not self.ended:
             self._audio.put_nowait(_End(reason))
+
+    def configure(self, endpointing: Endpointing, options: SessionOptions) -> None:
+        """Late ``start`` options: taken while no audio has been processed, else only what still matters.
+
+        Endpointing can change until the first audio is taken; language and prompt until the
+        recogniser is opened (batch engines read them at the end, so in practice until then).
+        """
+        if self._samples == 0:
+            self.endpointing = endpointing
+            self._endpointer = self._make_endpointer()
+        if self._stream is None:
+            self.options = options
 
     def cancel(self) -> None:
         """Cancelled by the device or superseded by a new session: no transcript follows."""

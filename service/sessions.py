@@ -17,6 +17,7 @@ from firmware_protocol import (
     AudioFrame,
     Cancel,
     Codec,
+    Endpointing,
     EndReason,
     Error,
     ErrorCode,
@@ -54,7 +55,11 @@ class _Device:
     stream: DeviceStream
     session: Session | None = None
     last_frame: float = 0.0
+    last_seen: float = field(default_factory=time.monotonic)
+    """Any message; idle devices are forgotten, which must not reset their error rate limit early."""
     options: dict[int, Start] = field(default_factory=dict)
+    last_start: Start | None = None
+    """The options of the running session, reused when the device restarts it with the same id."""
     last_error: dict[ErrorCode, float] = field(default_factory=dict)
 
 
@@ -106,6 +111,7 @@ class SessionManager:
         if device is None:
             device = _Device(DeviceStream(device_id, self._config.session.reorder_window))
             self._devices[device_id] = device
+        device.last_seen = time.monotonic()
         return device
 
     def _on_audio(self, device_id: str, payload: bytes) -> None:
@@ -172,7 +178,9 @@ class SessionManager:
             if device.stream.is_closed(message.session):
                 return
             if device.session is not None and device.session.session_id == message.session:
-                device.session.options = self._options(device_id, message)  # audio came first; in time
+                # Audio overtook its start (they travel on different topics): apply what still can be.
+                device.last_start = message
+                device.session.configure(self._endpointing(message), self._options(device_id, message))
                 return
             # Keep the options for the audio to come; a device has one session running at a time.
             device.options = {message.session: message}
@@ -182,9 +190,7 @@ class SessionManager:
     # Sessions ----------------------------------------------------------------------------------
 
     def _start(self, device_id: str, device: _Device, session_id: int) -> bool:
-        if device.session is not None:
-            device.session.cancel()  # superseded: a device speaks one utterance at a time
-        elif self._active >= self._config.session.max_sessions or not self._accepting:
+        if not self._accepting or (device.session is None and self._active >= self._config.session.max_sessions):
             self.stats.sessions_refused += 1
             device.stream.close(session_id)
             reason = (
@@ -194,14 +200,18 @@ class SessionManager:
             )
             self._error(device_id, ErrorCode.TOO_MANY_SESSIONS, reason, session_id, retryable=True)
             return False
+        restart = device.stream.session_id == session_id
+        if device.session is not None:
+            device.session.cancel()  # superseded: a device speaks one utterance at a time
         device.stream.begin(session_id)
-        start = device.options.pop(session_id, None)
+        start = device.options.pop(session_id, None) or (device.last_start if restart else None)
         device.options.clear()
+        device.last_start = start
         session = Session(
             device_id,
             session_id,
             self._services,
-            endpointing=(start.endpointing if start and start.endpointing else self._config.session.endpointing),
+            endpointing=self._endpointing(start),
             options=self._options(device_id, start),
         )
         if device.session is None:
@@ -212,6 +222,9 @@ class SessionManager:
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._finished(device, session, t))
         return True
+
+    def _endpointing(self, start: Start | None) -> Endpointing:
+        return start.endpointing if start and start.endpointing else self._config.session.endpointing
 
     def _options(self, device_id: str, start: Start | None) -> SessionOptions:
         """The device's per-session options over the configured ``asr.lang`` / ``asr.prompt``."""
@@ -261,7 +274,7 @@ class SessionManager:
                             session.push(pcm)
                         if reassembler.complete:
                             session.end(EndReason.DEVICE)
-                if session is None and now - device.last_frame > 600:
+                if session is None and now - device.last_seen > 600:
                     del self._devices[device_id]
 
     async def drain(self, timeout: float) -> None:

@@ -198,7 +198,7 @@ class Endpointer:
             events.append(SpeechPause(self._last_voiced_ms))
         if self._paused_at is not None:
             if self._silence_ms > self._hangover_ms:
-                events.append(self._finish(self._paused_at, EndReason.SILENCE))
+                events.append(self._finish(self._last_voiced_ms, EndReason.SILENCE))
         elif self._silence_ms > self._no_speech_ms:
             events.append(self._finish(self._now_ms, EndReason.NO_SPEECH))
         return events

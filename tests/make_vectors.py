@@ -51,7 +51,7 @@ HEX_LIMIT = 64
 """Payloads up to this many bytes are described by ``payload_hex``, longer ones by ``payload_sha256``."""
 
 SESSION = 0x9E3779B9  # what a device's esp_random() might give; any non-zero u32 is fine
-DEVICE_MESSAGE_CAP = 1000  # service/config.py SessionConfig.max_device_message_bytes default
+DEVICE_MESSAGE_CAP = 1000  # a payload budget: 1024-byte packet minus header and topic
 
 # Eight samples that show byte order and the int16 extremes: 0, 1000, -1000, max, min, 1, -1, 0.
 SHORT_PCM = b"".join(v.to_bytes(2, "little", signed=True) for v in (0, 1000, -1000, 32767, -32768, 1, -1, 0))

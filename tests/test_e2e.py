@@ -285,3 +285,15 @@ def test_transcripts_fit_a_small_device_buffer(limit: int) -> None:
     assert len(payload) <= limit
     decoded = json.loads(payload)
     assert decoded["truncated"] is True and "ünïcode words ünïcode".startswith(decoded["text"][:21])
+
+
+async def test_errors_are_rate_limited_per_device_and_code(bridge: BridgeProcess) -> None:
+    broker = bridge.broker
+    async with RawDevice(broker.host, broker.port, bridge.prefix, "spammer") as device:
+        for _ in range(30):
+            await device.send(b"\xffnot a frame at all")
+        await device.control(b"{broken")
+        await device.wait_for(lambda m: isinstance(m, Error) and m.code is ErrorCode.BAD_CONTROL)
+        await asyncio.sleep(0.3)
+        malformed = [m for m in device.messages() if isinstance(m, Error) and m.code is ErrorCode.MALFORMED_FRAME]
+    assert 1 <= len(malformed) <= 2  # 30 bad frames inside about a second: one error per second per code

@@ -53,27 +53,8 @@ VECTORS = PACKAGE / "vectors"
 PROTOCOL_MD = PACKAGE / "PROTOCOL.md"
 DATA_SUFFIX = {"audio_frame": ".bin", "device_message": ".msg", "bridge_message": ".msg"}
 
-KNOWN_BUGS = {
-    "device_invalid_not_utf8": (
-        UnicodeDecodeError,
-        "messages.py: invalid UTF-8 inside a decoded JSON string escapes as UnicodeDecodeError, not ProtocolError",
-    ),
-}
-"""Vectors that state the contract where the code does not meet it yet (strict xfail: fix, then delete)."""
-
-TOLERATED_DECODE_BUGS: tuple[type[BaseException], ...] = (UnicodeDecodeError,)
-"""The same bug, tolerated by the message fuzzers until fixed; empty this when KNOWN_BUGS is empty."""
-
-
 def _vector_params() -> list[Any]:
-    params = []
-    for path in sorted(VECTORS.glob("*.json")):
-        marks = []
-        if path.stem in KNOWN_BUGS:
-            raises, reason = KNOWN_BUGS[path.stem]
-            marks.append(pytest.mark.xfail(raises=raises, reason=reason, strict=True))
-        params.append(pytest.param(path, id=path.stem, marks=marks))
-    return params
+    return [pytest.param(path, id=path.stem) for path in sorted(VECTORS.glob("*.json"))]
 
 
 def _message_fields(message: Any) -> dict[str, Any]:
@@ -403,11 +384,8 @@ def test_message_decoders_never_raise_anything_but_protocol_error(data: bytes) -
         except ProtocolError as exc:
             assert exc.code is ErrorCode.BAD_CONTROL
             assert exc.field == "$" or exc.field.startswith("$.") or exc.field.startswith("$[")
-        except TOLERATED_DECODE_BUGS:
-            pass  # see KNOWN_BUGS and test_invalid_utf8_in_a_decoded_string_is_bad_control
 
 
-@pytest.mark.xfail(raises=UnicodeDecodeError, strict=True, reason=KNOWN_BUGS["device_invalid_not_utf8"][1])
 @pytest.mark.parametrize(
     "data",
     [b'{"type":"\xff","session":1}', b'{"type":"start","session":1,"prompt":"\xc3("}'],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from service.devbroker import PrivateMosquitto
 from service.device_sim import send_utterance
-from tests.conftest import Broker, BridgeProcess, wait_for_status
+from tests.conftest import BridgeProcess, Broker, wait_for_status
 
 
 async def test_bridge_reconnects_after_the_broker_restarts(tmp_path: Path, speech: dict) -> None:
