@@ -682,6 +682,8 @@ def run_phase(
             args.endpointing,
             "--log-level",
             args.bridge_log_level,
+            "--experiment",
+            args.experiment,
         ],
         logdir,
     )
@@ -890,6 +892,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=None, help="seconds excluded at the start (default 3, ≤ D/3)")
     parser.add_argument("--generators", type=int, default=0, help="load-generator processes (default 1 per 150 devices)")
     parser.add_argument("--final-timeout", type=float, default=5.0, help="give up on a final after this many seconds")
+    parser.add_argument(
+        "--experiment",
+        default="",
+        help="candidate fixes applied to both receivers, comma-separated: gc (gc.freeze + gen0 threshold "
+        "50000), props (cached paho MQTT 5 property tables), direct (dispatch from paho's callback, no "
+        "aiomqtt queue); default none",
+    )
     parser.add_argument("--profile", metavar="DIR", help="py-spy the receiver during each window (collapsed stacks)")
     parser.add_argument("--prefix", default="echokit")
     parser.add_argument("--seed", type=int, default=1)
@@ -924,6 +933,7 @@ def main(argv: list[str] | None = None) -> int:
             "clips": list(CLIP_FILES),
             "clip_seconds": [round(len(c) / 16000, 2) for c in load_clips()],
             "vad_decision_frames": fdec,
+            "experiment": args.experiment,
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
         },
         "env": env,

@@ -26,6 +26,16 @@ from service.vad import SileroModel, VadBatcher
 log = structlog.get_logger(__name__)
 
 
+def build_backends(asr: AsrConfig) -> TranscriptionBackend:
+    """The primary backend, wrapped with its ``[[asr.fallback]]`` list when there is one."""
+    primary = build_backend(asr)
+    if not asr.fallback:
+        return primary
+    from service.backends.failover import FailoverBackend
+
+    return FailoverBackend([primary, *(build_backend(fallback) for fallback in asr.fallback)])
+
+
 def build_backend(asr: AsrConfig) -> TranscriptionBackend:
     """One backend from an ``[asr]`` table; modules load lazily so unused SDK-free code stays cold."""
     platform = PLATFORM_ALIASES.get(asr.platform)
@@ -53,7 +63,7 @@ class Bridge:
         self.config = config
         self.instance = uuid.uuid4().hex[:8]
         self.topics = Topics(config.mqtt.topic_prefix)
-        self.backend = backend or build_backend(config.asr)
+        self.backend = backend or build_backends(config.asr)
         self.vad = VadBatcher(SileroModel())
         self.link = MqttLink(config.mqtt, self.topics, self._dispatch, instance=self.instance, version=__version__)
         publisher = DevicePublisher(self.topics, self.link.publish, config.session.max_device_message_bytes)

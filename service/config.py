@@ -336,7 +336,7 @@ class _KeyLines:
                 table = header.group(1).replace('"', "").replace(" ", "")
                 for name, index in arrays.items():  # [a.b.c] inside the latest [[a.b]] element
                     if table.startswith(name + "."):
-                        table = f"{name}[{index}]{table[len(name):]}"
+                        table = f"{name}[{index}]{table[len(name) :]}"
                 if line.lstrip().startswith("[["):
                     arrays[table] = arrays.get(table, -1) + 1
                     table = f"{table}[{arrays[table]}]"
