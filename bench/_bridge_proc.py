@@ -178,6 +178,7 @@ class WindowProbe:
     """Counter snapshots at the window edges, plus backlog and event-loop lag inside it."""
 
     def __init__(self, count: Any, backlog: Any) -> None:
+        self.gc = GcMeter()
         self._count = count  # () -> int
         self._backlog = backlog  # () -> int
         self.snap: dict[str, float] = {}
@@ -189,6 +190,7 @@ class WindowProbe:
     async def run(self, w0: float, w1: float) -> None:
         await asyncio.sleep(max(0.0, w0 - time.monotonic()))
         self.snap["t0"], self.snap["n0"] = time.monotonic(), self._count()
+        self.gc.enabled = True
         next_at = time.monotonic() + SAMPLE_EVERY_S
         while next_at < w1:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
@@ -201,6 +203,7 @@ class WindowProbe:
             next_at += SAMPLE_EVERY_S
         await asyncio.sleep(max(0.0, w1 - time.monotonic()))
         self.snap["t1"], self.snap["n1"] = time.monotonic(), self._count()
+        self.gc.enabled = False
 
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -212,6 +215,7 @@ class WindowProbe:
             out["window_s"] = dt
             out["window_messages"] = self.snap["n1"] - self.snap["n0"]
             out["rate"] = out["window_messages"] / dt if dt > 0 else 0.0
+            out["gc"] = self.gc.result(dt)
         if self.lags_ms:
             lags = np.array(self.lags_ms)
             out["loop_lag_ms"] = {
@@ -220,6 +224,33 @@ class WindowProbe:
                 "max": float(lags.max()),
             }
         return out
+
+
+class GcMeter:
+    """Time spent in CPython's cyclic collector, per generation (a gc callback: ~1 µs a collection)."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.count = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self._started = 0.0
+        self.enabled = False
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self.enabled:
+            generation = info["generation"]
+            self.count[generation] += 1
+            self.seconds[generation] += time.perf_counter() - self._started
+
+    def result(self, window_s: float) -> dict[str, Any]:
+        return {
+            "collections": self.count,
+            "ms_per_s": [1000 * s / window_s for s in self.seconds] if window_s else None,
+        }
 
 
 class QueueFullCounter(logging.Handler):
@@ -238,12 +269,24 @@ def _queue_len(client: aiomqtt.Client | None) -> int:
     return len(client.messages) if client is not None else 0
 
 
+async def drain(backlog: Any, seconds: float = 5.0) -> None:
+    """Give a backlog (if any) time to be worked off, so totals count what the receiver could take."""
+    for _ in range(int(seconds / 0.05)):
+        if not backlog():
+            return
+        await asyncio.sleep(0.05)
+
+
 async def _serve(lines: asyncio.Queue[str], probe: WindowProbe) -> None:
     go = json.loads(await lines.get())
     probe_task = asyncio.create_task(probe.run(go["w0"], go["w1"]))
     while (await lines.get()) != "stop":
         pass
-    probe_task.cancel()
+    try:  # an overloaded loop may reach the window's end late; its snapshot still has true times
+        async with asyncio.timeout(15):
+            await probe_task
+    except TimeoutError:
+        pass
 
 
 # Roles --------------------------------------------------------------------------------------------
@@ -291,9 +334,7 @@ format = "json"
     probe = WindowProbe(lambda: bridge.audio_messages, lambda: _queue_len(bridge.link._client))
     await _serve(lines, probe)
     # Let a backlog (if any) drain a little so "total" counts what the bridge could take.
-    deadline = time.monotonic() + 5.0
-    while _queue_len(bridge.link._client) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await drain(lambda: _queue_len(bridge.link._client))
     sessions = bridge.sessions.stats
     emit(
         {
@@ -357,9 +398,7 @@ async def run_subscriber(args: argparse.Namespace) -> None:
         emit({"ready": {"pid": os.getpid(), "rss_kb": proc_status_kb("VmRSS")}})
         probe = WindowProbe(lambda: count, lambda: _queue_len(client))
         await _serve(lines, probe)
-        deadline = time.monotonic() + 5.0
-        while _queue_len(client) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await drain(lambda: _queue_len(client))
         emit(
             {
                 "result": {

@@ -297,8 +297,10 @@ class Generator:
 
     def _on_message(self, client: Any, dev: Device, message: Any) -> None:
         now = time.monotonic()
-        if message.topic.endswith("/out/transcript") or message.topic.endswith("/out/vad") or message.topic.endswith(
-            "/out/error"
+        if (
+            message.topic.endswith("/out/transcript")
+            or message.topic.endswith("/out/vad")
+            or message.topic.endswith("/out/error")
         ):
             try:
                 decoded = decode_bridge_message(message.payload)
@@ -363,7 +365,9 @@ class Generator:
         dev.pub_times = []
         dev.t_speech_ended = None
         endpointing = Endpointing.PUSH_TO_TALK if ptt else Endpointing.SERVER_VAD
-        dev.client.publish(dev.control_topic, encode_message(Start(session=dev.session, endpointing=endpointing)), qos=1)
+        dev.client.publish(
+            dev.control_topic, encode_message(Start(session=dev.session, endpointing=endpointing)), qos=1
+        )
         self._flush(dev)
         dev.state = "sending"
         dev.base = now
@@ -521,7 +525,7 @@ class Generator:
         for dev in self.devices:
             try:
                 dev.client.disconnect()
-            except Exception:  # noqa: BLE001 - teardown
+            except Exception:
                 pass
 
     def result(self) -> dict[str, Any]:
@@ -733,9 +737,7 @@ def run_phase(
         cpu1 = {k: proc_cpu_s(p) for k, p in pids.items()}
         m1, tm1 = machine_busy_s(), time.monotonic()
         dt = tm1 - tm0
-        cores = {
-            k: (cpu1[k] - cpu0[k]) / dt for k in pids if cpu0.get(k) is not None and cpu1.get(k) is not None
-        }
+        cores = {k: (cpu1[k] - cpu0[k]) / dt for k in pids if cpu0.get(k) is not None and cpu1.get(k) is not None}
         machine_cores = (m1[0] - m0[0]) / dt
         ours = sum(cores.values())
 
@@ -780,6 +782,7 @@ def run_phase(
         "receiver_backlog_mean": server_result["backlog_mean"],
         "receiver_loop_lag_ms": server_result.get("loop_lag_ms"),
         "receiver_queue_full_drops": server_result["queue_full_drops"],
+        "receiver_gc": server_result.get("gc"),
         "generator_lateness_ms": {
             "p99_worst": max(r["lateness_ms"]["p99"] for r in gen_results),
             "max": max(r["lateness_ms"]["max"] for r in gen_results),
@@ -827,6 +830,7 @@ def summarize(result: dict[str, Any]) -> str:
         f"(50 frames/s each), endpointing {cfg['endpointing']}, window {cfg['seconds'] - cfg['warmup']:g} s "
         f"after {cfg['warmup']:g} s warm-up",
         f"machine: {result['env']['cpus']} CPUs, load average before run {result['env']['loadavg_before']}",
+        *([f"EXPERIMENTS applied to both receivers: {cfg['experiment']}"] if cfg.get("experiment") else []),
         "",
         f"{'':34}{'ceiling (bare aiomqtt)':>24}{'bridge':>14}",
     ]
@@ -841,9 +845,19 @@ def summarize(result: dict[str, Any]) -> str:
     row("receiver peak RSS (MB)", lambda p: p["receiver_peak_rss_mb"], ".0f")
     row("receiver backlog max (msgs)", lambda p: p["receiver_backlog_max"], "d")
     row("receiver loop lag p99 (ms)", lambda p: (p["receiver_loop_lag_ms"] or {}).get("p99"), ".1f")
+    row("receiver queue-full drops", lambda p: p["receiver_queue_full_drops"], "d")
+    row(
+        "receiver in gc (ms/s, gen0/1/2)",
+        lambda p: "/".join(f"{x:.0f}" for x in p["receiver_gc"]["ms_per_s"]) if p.get("receiver_gc") else None,
+        "",
+    )
     row("mosquitto CPU (cores)", lambda p: p["mosquitto_cores"], ".2f")
     row("load generators CPU (cores)", lambda p: p["generator_cores"], ".2f")
-    row("machine busy / other work (cores)", lambda p: f"{p['machine_busy_cores']:.2f} / {p['other_load_cores']:.2f}", "")
+    row(
+        "machine busy / other work (cores)",
+        lambda p: f"{p['machine_busy_cores']:.2f} / {p['other_load_cores']:.2f}",
+        "",
+    )
     row("generator pacing p99 late (ms)", lambda p: p["generator_lateness_ms"]["p99_worst"], ".1f")
     lat = b["latency_ms"]
     label = "last frame → final" if cfg["endpointing"] == "push_to_talk" else "decisive frame → final"
@@ -890,7 +904,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", metavar="PATH", help="write every number measured as JSON")
     parser.add_argument("--warmup", type=float, default=None, help="seconds excluded at the start (default 3, ≤ D/3)")
-    parser.add_argument("--generators", type=int, default=0, help="load-generator processes (default 1 per 150 devices)")
+    parser.add_argument(
+        "--generators", type=int, default=0, help="load-generator processes (default 1 per 150 devices)"
+    )
     parser.add_argument("--final-timeout", type=float, default=5.0, help="give up on a final after this many seconds")
     parser.add_argument(
         "--experiment",

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import structlog
@@ -29,7 +30,16 @@ from firmware_protocol import (
 from service.backends import BackendError, Recognition, RecognitionStream, SessionOptions, TranscriptionBackend
 from service.config import SessionConfig, VadConfig
 from service.publisher import DevicePublisher
-from service.vad import WINDOW, Endpointer, SpeechStart, TurnEnd, VadBatcher, VadStream
+from service.vad import (
+    WINDOW,
+    Endpointer,
+    SpeechPause,
+    SpeechResumed,
+    SpeechStart,
+    TurnEnd,
+    VadBatcher,
+    VadStream,
+)
 
 SAMPLES_PER_MS = 16
 
@@ -76,6 +86,7 @@ class Session:
         self._endpointer = self._make_endpointer()
         self._vad_stream = VadStream()
         self._vad_pending = np.zeros(0, dtype=np.float32)
+        self._speculation: asyncio.Task[Recognition] | None = None
         self.ended = False
         self.log = structlog.get_logger(__name__).bind(device=device_id, session=session_id)
 
@@ -144,6 +155,8 @@ class Session:
             if end.reason is not EndReason.CANCEL and not self._cancelled.is_set():
                 await self._conclude(end)
         finally:
+            if self._speculation is not None:
+                self._speculation.cancel()
             if self._stream is not None:
                 await self._stream.cancel()
 
@@ -202,6 +215,10 @@ class Session:
                 if isinstance(event, SpeechStart):
                     self._started_ms = event.offset_ms
                     self._emit(SpeechStarted(session=self.session_id, offset_ms=event.offset_ms))
+                elif isinstance(event, SpeechPause):
+                    self._speculate()
+                elif isinstance(event, SpeechResumed):
+                    self._drop_speculation()
                 elif isinstance(event, TurnEnd):
                     return event
         return None
@@ -216,7 +233,7 @@ class Session:
             result: Recognition | None = Recognition("", reason=EndReason.NO_SPEECH)
         else:
             try:
-                result = await self._finish(stream)
+                result = await self._final(stream, end)
             except BackendError as exc:
                 self._emit(Error(code=exc.code, message=str(exc), retryable=exc.retryable, session=self.session_id))
                 return
@@ -238,27 +255,56 @@ class Session:
         )
         self.log.info("session.final", chars=len(result.text), latency_ms=latency_ms, reason=end.reason.value)
 
-    async def _finish(self, stream: RecognitionStream) -> Recognition | None:
-        """The backend's final, unless the session is cancelled meanwhile (then ``None``)."""
-        finish = asyncio.ensure_future(stream.finish())
-        cancelled = asyncio.ensure_future(self._cancelled.wait())
+    async def _final(self, stream: RecognitionStream, end: TurnEnd) -> Recognition | None:
+        """The committed speculation if there is one (falling back to ``finish``), else ``finish``."""
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None and end.reason is EndReason.SILENCE:
+            try:
+                return await self._race(speculation, stream)
+            except BackendError as exc:
+                self.log.info("session.speculation_failed", code=exc.code.value)
+        elif speculation is not None:
+            speculation.cancel()
+        return await self._race(asyncio.ensure_future(stream.finish()), stream)
+
+    async def _race(self, work: asyncio.Future[Recognition], stream: RecognitionStream) -> Recognition | None:
+        """``work``'s result, unless the session is cancelled meanwhile (then ``None``) or it takes too long."""
+        cancelled: asyncio.Future[Any] = asyncio.ensure_future(self._cancelled.wait())
+        racers: set[asyncio.Future[Any]] = {work, cancelled}
         try:
             async with asyncio.timeout(self._services.final_timeout_s):
-                done, _ = await asyncio.wait({finish, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
         except TimeoutError:
             raise BackendError(
                 f"no result within {self._services.final_timeout_s:g} s", code=ErrorCode.BACKEND_UNAVAILABLE
             ) from None
         finally:
             cancelled.cancel()
-            if not finish.done():
-                finish.cancel()
+            if not work.done():
+                work.cancel()
                 with contextlib.suppress(asyncio.CancelledError, BackendError):
-                    await finish
+                    await work
                 await stream.cancel()
-        if finish not in done:
+        if work not in done:
             return None
-        return finish.result()
+        return work.result()
+
+    def _speculate(self) -> None:
+        """Speech paused: recognise what was said so far while the hangover runs."""
+        if self._stream is not None:
+            self._drop_speculation()
+            self._speculation = self._stream.speculate()
+
+    def _drop_speculation(self) -> None:
+        """Speech resumed: the speculation is stale; if it already has text, that text is a partial."""
+        speculation, self._speculation = self._speculation, None
+        if speculation is None:
+            return
+        if speculation.done() and not speculation.cancelled() and speculation.exception() is None:
+            if text := speculation.result().text:
+                self.partial(text)
+        else:
+            speculation.cancel()
 
     # StreamListener: what the recognition stream reports while audio flows ---------------------
 

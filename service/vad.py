@@ -129,12 +129,19 @@ class SpeechPause:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeechResumed:
+    """After a pause, ``min_speech_duration_ms`` of new speech: the turn goes on (EchoKit cancels its ASR)."""
+
+    offset_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class TurnEnd:
     offset_ms: int
     reason: EndReason
 
 
-EndpointEvent = SpeechStart | SpeechPause | TurnEnd
+EndpointEvent = SpeechStart | SpeechPause | SpeechResumed | TurnEnd
 
 
 class Endpointer:
@@ -162,6 +169,7 @@ class Endpointer:
         self._started = False
         self._start_ms = 0
         self._paused_at: int | None = None
+        self._resumed = False
         self._last_voiced_ms = 0
         self.finished = False
 
@@ -190,11 +198,15 @@ class Endpointer:
                 events.append(SpeechStart(window_start))
             self._speech_ms += WINDOW_MS
             self._silence_ms = 0
+            if self._paused_at is not None and not self._resumed and self._speech_ms >= self._min_speech_ms:
+                self._resumed = True
+                events.append(SpeechResumed(self._now_ms))
             return events
         self._silence_ms += WINDOW_MS
         if self._speech_ms >= self._min_speech_ms:
             self._speech_ms = 0
             self._paused_at = self._last_voiced_ms
+            self._resumed = False
             events.append(SpeechPause(self._last_voiced_ms))
         if self._paused_at is not None:
             if self._silence_ms > self._hangover_ms:

@@ -8,6 +8,7 @@ buffers and transcribes the whole utterance in :meth:`finish`.
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -80,6 +81,14 @@ class RecognitionStream(abc.ABC):
     async def cancel(self) -> None:
         """Abandon the utterance and release what it holds."""
 
+    def speculate(self) -> asyncio.Task[Recognition] | None:
+        """Start recognising the audio so far while more may still come (EchoKit's hangover).
+
+        The session commits the result if the silence lasts, or cancels it if speech resumes.
+        ``None``: the engine decodes as audio arrives, so its final is already cheap.
+        """
+        return None
+
 
 class BatchStream(RecognitionStream):
     """Buffers the utterance; subclasses transcribe it whole."""
@@ -97,6 +106,10 @@ class BatchStream(RecognitionStream):
 
     async def cancel(self) -> None:
         self._chunks = []
+
+    def speculate(self) -> asyncio.Task[Recognition] | None:
+        audio = np.concatenate(self._chunks) if self._chunks else np.zeros(0, dtype=np.int16)
+        return asyncio.create_task(self.transcribe(audio))
 
     @abc.abstractmethod
     async def transcribe(self, audio: np.ndarray) -> Recognition: ...

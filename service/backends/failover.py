@@ -7,6 +7,7 @@ until its cool-down has passed; then a single trial decides whether it is back.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -93,6 +94,10 @@ class FailoverStream(RecognitionStream):
 
     async def cancel(self) -> None:
         await self._stream.cancel()
+
+    def speculate(self) -> asyncio.Task[Recognition] | None:
+        """The current backend's speculation; if it fails, the session falls back to :meth:`finish`."""
+        return self._stream.speculate()
 
     async def finish(self) -> Recognition:
         while True:
