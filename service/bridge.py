@@ -58,6 +58,12 @@ def build_backend(asr: AsrConfig) -> TranscriptionBackend:
     raise BackendError(f"asr.platform {asr.platform!r} is not available", retryable=False)
 
 
+def final_timeout(asr: AsrConfig) -> float:
+    """How long a session waits for its final: every attempt of every backend, with backoff, and slack."""
+    per_backend = [(b.timeout_s + 4.0) * (b.max_retries + 1) for b in (asr, *asr.fallback)]
+    return max(30.0, sum(per_backend) + 5.0)
+
+
 class Bridge:
     def __init__(self, config: Config, backend: TranscriptionBackend | None = None) -> None:
         self.config = config
@@ -73,6 +79,7 @@ class Bridge:
             publisher=publisher,
             session=config.session,
             vad_config=config.asr.vad,
+            final_timeout_s=final_timeout(config.asr),
         )
         self.sessions = SessionManager(config, self.topics, services)
         self._stop = asyncio.Event()

@@ -262,6 +262,8 @@ class Session:
             try:
                 return await self._race(speculation, stream)
             except BackendError as exc:
+                if not exc.retryable and not exc.failover:
+                    raise  # the same request again would be refused the same way
                 self.log.info("session.speculation_failed", code=exc.code.value)
         elif speculation is not None:
             speculation.cancel()

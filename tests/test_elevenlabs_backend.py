@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import itertools
+import logging
 import socket
 import wave
 from collections.abc import AsyncIterator
@@ -118,7 +119,11 @@ def free_port() -> int:
             "wss://eu.example.com/v1/speech-to-text/realtime",
             "https://eu.example.com/v1/speech-to-text",
         ),
-        ("http://127.0.0.1:8080/", "ws://127.0.0.1:8080/v1/speech-to-text/realtime", "http://127.0.0.1:8080/v1/speech-to-text"),
+        (
+            "http://127.0.0.1:8080/",
+            "ws://127.0.0.1:8080/v1/speech-to-text/realtime",
+            "http://127.0.0.1:8080/v1/speech-to-text",
+        ),
         (
             "ws://proxy.local/eleven/v1/speech-to-text/realtime?enable_logging=false",
             "ws://proxy.local/eleven/v1/speech-to-text/realtime?enable_logging=false",
@@ -196,7 +201,7 @@ async def test_a_short_tap_is_padded_so_the_commit_is_not_throttled(fake: FakeEl
 
 
 async def test_warnings_and_unknown_messages_are_ignored() -> None:
-    chatter = [
+    chatter: list[dict[str, Any]] = [
         {"message_type": "warning", "warning": "audio is clipping"},
         {"message_type": "brand_new_event", "payload": {"x": 1}},
     ]
@@ -238,6 +243,32 @@ async def test_vad_finish_waits_for_a_commit_still_on_its_way() -> None:
         await backend.aclose()
     assert result.text == "what time is it"
     assert ("end_of_turn", "") in listener.events
+
+
+async def test_vad_finish_before_a_pause_sends_one_so_the_commit_comes(fake: FakeElevenLabs) -> None:
+    speech = WHAT_TIME[: 14 * 1600]  # cut while still speaking, as push-to-talk or our own endpointing may
+    listener = Listener()
+    backend = ElevenLabsBackend(config(fake.realtime_url, commit_strategy="vad"))
+    stream = backend.open(EN, listener)
+    await feed(stream, speech)
+    async with asyncio.timeout(10):
+        result = await stream.finish()
+    await backend.aclose()
+    assert result.text == "what time is it"
+    audio = bytes(fake.sessions[0].audio)
+    assert audio.startswith(speech.tobytes())
+    tail = audio[len(speech.tobytes()) :]
+    assert tail == bytes(len(tail)) and 0.5 <= len(tail) / 32000 <= 3.25  # silence, no longer than needed
+    assert fake.sessions[0].commits == 0
+
+
+async def test_vad_tail_follows_the_threshold_in_the_url(fake: FakeElevenLabs) -> None:
+    backend = ElevenLabsBackend(config(fake.realtime_url + "?vad_silence_threshold_secs=0.6", commit_strategy="vad"))
+    result = await transcribe(backend, WHAT_TIME[: 14 * 1600])
+    assert result.text == "what time is it"
+    session = fake.sessions[0]
+    assert session.query[0] == ("vad_silence_threshold_secs", "0.6")
+    assert len(session.audio) == 14 * 1600 * 2 + (600 + 250) * 32
 
 
 # Batch ----------------------------------------------------------------------------------------------------------
@@ -441,15 +472,25 @@ async def test_cancel_is_prompt_and_closes_the_socket(fake: FakeElevenLabs) -> N
     stream = backend.open(EN, Listener())
     await feed(stream, WHAT_TIME)
     finishing = asyncio.create_task(stream.finish())
-    while not fake.sessions or not fake.sessions[0].commits:
-        await asyncio.sleep(0.01)
+    await fake.wait_until(lambda: bool(fake.sessions and fake.sessions[0].commits))
     loop = asyncio.get_running_loop()
     started = loop.time()
     await stream.cancel()
     assert loop.time() - started < 1.0
     with pytest.raises(asyncio.CancelledError):
         await finishing
-    async with asyncio.timeout(5):
-        while not fake.sessions[0].client_closed:
-            await asyncio.sleep(0.01)
+    await fake.wait_until(lambda: fake.sessions[0].client_closed)
     await backend.aclose()
+
+
+async def test_the_api_key_stays_out_of_logs(
+    fake: FakeElevenLabs, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    fake.faults = [Fault.message("rate_limited", when="commit", error=f"slow down, {KEY}")]
+    result = await transcribe(ElevenLabsBackend(config(fake.realtime_url)), WHAT_TIME)
+    batch = await transcribe(ElevenLabsBackend(config(fake.realtime_url, mode="batch")), WHAT_TIME)
+    assert result.text == batch.text == "what time is it"
+    captured = capsys.readouterr()
+    assert "elevenlabs.attempt_failed" in captured.out + captured.err + caplog.text
+    assert KEY not in caplog.text + captured.out + captured.err

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from elevenlabs import AsyncElevenLabs, AudioFormat, CommitStrategy, RealtimeEvents
+from elevenlabs import AsyncElevenLabs, AudioFormat, CommitStrategy, RealtimeEvents, SpeechToTextChunkResponseModel
 from elevenlabs.core.api_error import ApiError
 from elevenlabs.errors import UnprocessableEntityError
 from elevenlabs.realtime import RealtimeAudioOptions, RealtimeConnection
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from service.audio_files import read_wav_16k_mono
 from tests.fakes.elevenlabs_server import FakeElevenLabs, Fault, Script
@@ -100,7 +100,7 @@ async def test_sdk_batch_convert_gets_a_full_response(fake: FakeElevenLabs) -> N
     result = await client.speech_to_text.convert(
         model_id="scribe_v1", file=("clip.wav", wav(WHAT_TIME), "audio/wav"), language_code="en"
     )
-    assert type(result).__name__ == "SpeechToTextChunkResponseModel"
+    assert isinstance(result, SpeechToTextChunkResponseModel)
     assert result.text == "what time is it"
     assert result.language_code == "en" and 0 <= result.language_probability <= 1
     assert result.audio_duration_secs == pytest.approx(len(WHAT_TIME) / 16000)
@@ -123,6 +123,7 @@ async def test_sdk_batch_raw_pcm_with_file_format(fake: FakeElevenLabs) -> None:
     result = await client.speech_to_text.convert(
         model_id="scribe_v2", file=WHAT_TIME.tobytes(), file_format="pcm_s16le_16"
     )
+    assert isinstance(result, SpeechToTextChunkResponseModel)
     assert result.text == f"{len(WHAT_TIME) / 16000:.3f}"
     assert fake.batch_requests[0].fields["file_format"] == "pcm_s16le_16"
     assert fake.batch_requests[0].file == WHAT_TIME.tobytes()
@@ -141,7 +142,7 @@ async def test_sdk_batch_wrong_key_is_401_invalid_api_key(fake: FakeElevenLabs) 
     with pytest.raises(ApiError) as caught:
         await client.speech_to_text.convert(model_id="scribe_v1", file=("a.wav", wav(WHAT_TIME)))
     assert caught.value.status_code == 401
-    assert caught.value.body["detail"]["status"] == "invalid_api_key"  # type: ignore[index]
+    assert caught.value.body["detail"]["status"] == "invalid_api_key"
 
 
 async def test_sdk_batch_retry_after_429_loses_its_form_fields(fake: FakeElevenLabs) -> None:
@@ -160,12 +161,15 @@ async def test_sdk_batch_retry_after_429_loses_its_form_fields(fake: FakeElevenL
 
 
 async def test_sdk_batch_gives_up_with_the_status_after_its_retries(fake: FakeElevenLabs) -> None:
-    fake.faults = [Fault.http(500)] * 3
+    fake.faults = [Fault.http(500)] * 2
     client = AsyncElevenLabs(api_key=KEY, base_url=fake.base_url)
     with pytest.raises(ApiError) as caught:
-        await client.speech_to_text.convert(model_id="scribe_v1", file=("a.wav", wav(WHAT_TIME)))
+        await client.speech_to_text.convert(
+            model_id="scribe_v1", file=("a.wav", wav(WHAT_TIME)), request_options={"max_retries": 1}
+        )
     assert caught.value.status_code == 500
-    assert len(fake.batch_requests) == 3
+    assert caught.value.body == {"detail": {"status": "internal_error", "message": "Scripted server error"}}
+    assert len(fake.batch_requests) == 2
 
 
 # Realtime -----------------------------------------------------------------------------------------------------------
@@ -270,7 +274,7 @@ async def test_sdk_realtime_surfaces_scripted_errors(fake: FakeElevenLabs, messa
     client = AsyncElevenLabs(api_key=KEY, base_url=fake.base_url)
     connection, events = await connect(client)
     await events.wait_for("session_started")
-    with pytest.raises(Exception):  # noqa: B017,PT011 - the socket closes under the sender; the SDK raises websockets'
+    with pytest.raises(ConnectionClosed):  # the socket closes under the sender
         for _ in range(50):
             await send_audio(connection, WHAT_TIME[:1600])
             await asyncio.sleep(0.01)
@@ -308,7 +312,7 @@ async def test_sdk_realtime_sees_a_dropped_connection(fake: FakeElevenLabs) -> N
     client = AsyncElevenLabs(api_key=KEY, base_url=fake.base_url)
     connection, events = await connect(client)
     await events.wait_for("session_started")
-    with pytest.raises(Exception):  # noqa: B017,PT011 - ConnectionClosedError from websockets
+    with pytest.raises(ConnectionClosed):
         for _ in range(50):
             await send_audio(connection, WHAT_TIME[:1600])
             await asyncio.sleep(0.01)
@@ -326,9 +330,7 @@ async def test_sdk_realtime_hang_leaves_the_sdk_waiting(fake: FakeElevenLabs) ->
     with pytest.raises(TimeoutError):
         await events.wait_for("session_started", timeout=0.5)
     await connection.close()
-    async with asyncio.timeout(5):
-        while not fake.sessions[0].client_closed:
-            await asyncio.sleep(0.01)
+    await fake.wait_until(lambda: fake.sessions[0].client_closed)
 
 
 async def test_script_partials_and_latency() -> None:

@@ -495,6 +495,35 @@ async def test_cancel_during_retry_backoff(fake: FakeOpenAI, pcm: np.ndarray) ->
     assert len(fake.requests) == 1
 
 
+async def test_speculation_transcribes_the_audio_so_far(fake: FakeOpenAI, pcm: np.ndarray) -> None:
+    fake.default = Transcript(lambda r: f"{len(r.audio) // 2} samples")
+    async with running(config(fake)) as backend:
+        stream = backend.open(EN, Recorder())
+        stream.feed(pcm[:8000])
+        speculation = stream.speculate()
+        assert speculation is not None
+        stream.feed(pcm[8000:16000])
+        assert (await speculation).text == "8000 samples"
+        assert (await stream.finish()).text == "16000 samples"
+
+
+async def test_cancel_aborts_speculation_and_final_alike(fake: FakeOpenAI, pcm: np.ndarray) -> None:
+    fake.script(Hang(), Hang())
+    async with running(config(fake, timeout_s=30)) as backend:
+        stream = backend.open(EN, Recorder())
+        stream.feed(pcm)
+        speculation = stream.speculate()
+        assert speculation is not None
+        finish = asyncio.create_task(stream.finish())
+        requests = await fake.wait_for_requests(2)
+        await asyncio.wait_for(stream.cancel(), 2)
+        for task in (speculation, finish):
+            with pytest.raises(BackendError):
+                await task
+        for request in requests:
+            await asyncio.wait_for(request.disconnected.wait(), 2)
+
+
 async def test_cancel_without_finish(fake: FakeOpenAI, pcm: np.ndarray) -> None:
     async with running(config(fake)) as backend:
         stream = backend.open(EN, Recorder())

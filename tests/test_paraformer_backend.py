@@ -99,7 +99,7 @@ async def utterance(
 
 async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - polling the fake's records
             await asyncio.sleep(0.01)
 
 

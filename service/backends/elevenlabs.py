@@ -20,6 +20,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import logging
 import wave
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ from service.backends.retry import RetryPolicy, retry_after_seconds
 from service.config import AsrConfig
 
 log = structlog.get_logger(__name__)
+_ws_log = logging.getLogger(f"{__name__}.websocket")
+_ws_log.setLevel(logging.INFO)  # websockets logs handshake headers, the api key among them, at DEBUG
 
 DEFAULT_BASE = "wss://api.elevenlabs.io"
 REALTIME_PATH = "/v1/speech-to-text/realtime"
@@ -404,6 +407,7 @@ class _RealtimeStream(RecognitionStream):
                     open_timeout=None,
                     close_timeout=CLOSE_TIMEOUT_S,
                     max_size=2**20,
+                    logger=_ws_log,
                 )
                 try:
                     while True:
@@ -446,7 +450,7 @@ class _RealtimeStream(RecognitionStream):
             return None
 
     async def _send(self, exchange: _Exchange) -> None:
-        """Replay from the first byte, then follow the audio as it arrives; commit when finishing (manual)."""
+        """Replay from the first byte, then follow the audio as it arrives; when finishing, make the commit come."""
         ws, sent = exchange.ws, 0
         try:
             while True:
@@ -460,6 +464,8 @@ class _RealtimeStream(RecognitionStream):
                     break
                 self._wake.clear()
                 await self._wake.wait()
+            if exchange.result.done():
+                return
             if not sent:
                 exchange.result.set_result(_no_speech(self._options.language))
             elif self._manual:
@@ -468,8 +474,7 @@ class _RealtimeStream(RecognitionStream):
                 exchange.commit_sent = True
                 await ws.send(self._chunk(b"", commit=True))
             elif exchange.committed:
-                if not exchange.result.done():
-                    exchange.result.set_result(self._result(exchange))
+                exchange.result.set_result(self._result(exchange))
             else:
                 tail = self._backend.vad_tail_bytes
                 for offset in range(0, tail, MAX_CHUNK_BYTES):

@@ -328,22 +328,27 @@ class OpenAIBackend(TranscriptionBackend):
 
 
 class _OpenAIStream(BatchStream):
-    """The request runs in a task of its own so that :meth:`cancel` can abort it mid-flight."""
+    """Each request runs in a task of its own so that :meth:`cancel` can abort it mid-flight.
+
+    There may be two at once: a speculation (:meth:`BatchStream.speculate`) and the final.
+    """
 
     def __init__(self, backend: OpenAIBackend, options: SessionOptions, listener: StreamListener) -> None:
         super().__init__()
         self._backend = backend
         self._options = options
         self._listener = listener
-        self._task: asyncio.Task[Recognition] | None = None
+        self._requests: set[asyncio.Task[Recognition]] = set()
         self._cancelled = False
 
     async def transcribe(self, audio: np.ndarray) -> Recognition:
         if self._cancelled:
             raise _cancelled()
-        self._task = asyncio.create_task(self._backend.transcribe(audio, self._options, self._listener))
+        request = asyncio.create_task(self._backend.transcribe(audio, self._options, self._listener))
+        self._requests.add(request)
+        request.add_done_callback(self._requests.discard)
         try:
-            return await self._task
+            return await request
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if self._cancelled and (current is None or not current.cancelling()):
@@ -353,15 +358,11 @@ class _OpenAIStream(BatchStream):
     async def cancel(self) -> None:
         self._cancelled = True
         await super().cancel()
-        task = self._task
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, BackendError):
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+        pending = [request for request in self._requests if not request.done()]
+        for request in pending:
+            request.cancel()
+        if pending:
+            await asyncio.wait(pending)
 
 
 def _cancelled() -> BackendError:

@@ -209,13 +209,17 @@ class SocketRegistry:
         self._live: set[_Socket] = set()
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.connects = 0
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._sockets)
 
     async def acquire(self, device_id: str) -> _Socket:
         """Lease the device's socket, waiting for its previous utterance to hand it back."""
+        if self._closed:
+            raise BackendError(
+                "the paraformer backend is shut down", code=ErrorCode.BACKEND_UNAVAILABLE, retryable=False
+            )
         try:
             async with asyncio.timeout(self._wait_s):
                 while (sock := self._sockets.get(device_id)) is not None and sock.busy:
@@ -236,10 +240,14 @@ class SocketRegistry:
         self._live.add(sock)
         try:
             sock.ws = await self._connect()
-            self.connects += 1
         except BaseException:
             self._forget(sock)
             raise
+        if self._closed:
+            await sock.close()
+            raise BackendError(
+                "the paraformer backend is shut down", code=ErrorCode.BACKEND_UNAVAILABLE, retryable=False
+            )
         return sock
 
     def release(self, sock: _Socket) -> None:
@@ -263,6 +271,7 @@ class SocketRegistry:
         task.add_done_callback(self._tasks.discard)
 
     async def aclose(self) -> None:
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

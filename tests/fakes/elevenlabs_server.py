@@ -15,6 +15,12 @@ It speaks the protocol as the official ``elevenlabs`` SDK (2.x) speaks it, which
   missing), ``file`` (WAV or anything ``wave`` reads; raw PCM with ``file_format=pcm_s16le_16``), optional
   ``language_code``. 401 ``{"detail": {"status": "invalid_api_key", "message": ...}}`` on a wrong key.
 
+Where neither the SDK nor the reference says, the fake is strict so that client mistakes show: a binary frame,
+bad JSON or base64, an odd byte count, a ``sample_rate`` unlike ``audio_format``'s or a ``previous_text`` after
+the first chunk (the documented rule) get ``input_error``. The SDK's batch call always sends
+``webhook_metadata``/``entity_detection``/``entity_redaction`` as the string ``"null"``; they are accepted. Its
+speech detector is an RMS gate on 20 ms frames (``ulaw_8000`` bytes are not decoded, only counted).
+
 Behaviour is scripted with :class:`Script` (text, fixed or by audio duration; partial pace; latency; VAD
 silence) and :class:`Fault` s queued in ``fake.faults``: each new connection or request takes the next one.
 Everything received is recorded in ``fake.sessions`` and ``fake.batch_requests``.
@@ -128,6 +134,8 @@ class RealtimeSession:
     audio: bytearray = field(default_factory=bytearray)
     commits: int = 0
     client_closed: bool = False
+    """The client closed the socket (rather than the fake, or a drop)."""
+    ended: bool = False
 
     @property
     def params(self) -> dict[str, str]:
@@ -198,6 +206,7 @@ class FakeElevenLabs:
         self.sessions: list[RealtimeSession] = []
         self.batch_requests: list[BatchRequest] = []
         self._stop = asyncio.Event()
+        self._changed = asyncio.Event()
         self._sockets: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -231,6 +240,17 @@ class FakeElevenLabs:
             await ws.close(code=1001)
         if self._runner is not None:
             await self._runner.cleanup()
+
+    def touch(self) -> None:
+        """Something was recorded: wake :meth:`wait_until`."""
+        self._changed.set()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Wait until the records satisfy ``predicate`` (e.g. a commit arrived, the client closed)."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
 
     # Shared -------------------------------------------------------------------------------------------------
 
@@ -367,6 +387,8 @@ class FakeElevenLabs:
             await _RealtimeRun(self, request, ws, session, fault, authorized).run()
         finally:
             self._sockets.discard(ws)
+            session.ended = True
+            self.touch()
         return ws
 
 
@@ -486,6 +508,7 @@ class _RealtimeRun:
             await self.fail("input_error", "Invalid JSON")
             return False
         self.session.messages.append(message)
+        self.fake.touch()
         problem = self.check(message)
         if problem is not None:
             await self.fail("input_error", problem)
@@ -557,6 +580,7 @@ class _RealtimeRun:
 
     async def commit(self) -> bool:
         self.session.commits += 1
+        self.fake.touch()
         fault = self.fault
         if fault is not None and fault.when == "commit":
             if fault.kind == "hang":
