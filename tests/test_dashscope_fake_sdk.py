@@ -247,7 +247,7 @@ async def test_streaming_silence_times_out(monkeypatch: pytest.MonkeyPatch, pcm_
             recognition.start()
             recognition.send_audio_frame(pcm_bytes[:3200])
             # The SDK polls its audio queue with time.sleep inside its event loop, so it reads
-            # the task-failed only once it sends again: here, the finish-task of stop().
+            # the task-failed only after stop() ends that polling.
             time.sleep(1.0)
             try:
                 recognition.stop()
