@@ -75,7 +75,7 @@ class AsrConfig(_Section):
     vad: VadConfig = msgspec.field(default_factory=VadConfig)
     # Network backends (ours; EchoKit hard-codes 3 attempts x 10 s)
     timeout_s: Positive = 10.0
-    """Per attempt, from sending the request to the final result."""
+    """HTTP engines: per attempt, request to response. Streaming sockets: the whole ``finish``, shared by its attempts."""
     connect_timeout_s: Positive = 3.0
     max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
     # openai

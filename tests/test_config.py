@@ -125,7 +125,9 @@ threshold = 7
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_examples_are_valid(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MQTT_PASSWORD", "x")
+    for name in ("MQTT_PASSWORD", "OPENAI_API_KEY", "GROQ_API_KEY", "GATEWAY_API_KEY", "DASHSCOPE_API_KEY"):
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("ELEVENLABS_API_KEY", "x")
     load_config(path)
 
 

@@ -109,7 +109,7 @@ class _EventPayload(msgspec.Struct):
 
 class _Event(msgspec.Struct):
     header: _EventHeader
-    payload: _EventPayload = msgspec.field(default_factory=_EventPayload)
+    payload: _EventPayload | None = None
 
 
 _encoder = msgspec.json.Encoder()
@@ -438,8 +438,9 @@ class _ParaformerStream(RecognitionStream):
         except BackendError as exc:
             if not exc.retryable:
                 raise
+            attempts = f"{self._attempt} attempt{'s' if self._attempt > 1 else ''}"
             raise BackendError(
-                f"{exc} (after {self._attempt} attempts)",
+                f"{exc} (after {attempts})",
                 code=exc.code,
                 retryable=True,
                 failover=True,
@@ -546,13 +547,13 @@ class _ParaformerStream(RecognitionStream):
                 continue
             if event.header.event == "task-finished":
                 return sentences
-            output = event.payload.output
+            output = event.payload.output if event.payload is not None else None
             sentence = output.sentence if output is not None else None
             if event.header.event != "result-generated" or sentence is None or sentence.heartbeat:
                 continue
             if sentence.sentence_end:
                 sentences.append(sentence.text)
-                if not self._turn_ended:
+                if sentence.text and not self._turn_ended:  # an empty one was noise: keep listening
                     self._turn_ended = True
                     self._listener.end_of_turn()
             elif sentence.text:

@@ -458,7 +458,7 @@ class _Connection:
             return
         task.frames_since_heartbeat = 0
         heard_ms = len(task.record.audio) // BYTES_PER_MS
-        sentence = {
+        sentence: dict[str, Any] = {
             "begin_time": heard_ms,
             "end_time": None,
             "text": "",
