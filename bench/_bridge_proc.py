@@ -135,7 +135,7 @@ def apply_experiments(names: list[str]) -> None:
 
         gc.collect()
         gc.freeze()  # startup objects (modules, model, config) leave the collected generations
-        gc.set_threshold(50_000, 20, 100)
+        gc.set_threshold(10_000, 10, 10)
     if "props" in names:
         _FastProperties.install()
 
@@ -234,6 +234,7 @@ class GcMeter:
 
         self.count = [0, 0, 0]
         self.seconds = [0.0, 0.0, 0.0]
+        self.longest = [0.0, 0.0, 0.0]
         self._started = 0.0
         self.enabled = False
         gc.callbacks.append(self._callback)
@@ -243,13 +244,16 @@ class GcMeter:
             self._started = time.perf_counter()
         elif self.enabled:
             generation = info["generation"]
+            took = time.perf_counter() - self._started
             self.count[generation] += 1
-            self.seconds[generation] += time.perf_counter() - self._started
+            self.seconds[generation] += took
+            self.longest[generation] = max(self.longest[generation], took)
 
     def result(self, window_s: float) -> dict[str, Any]:
         return {
             "collections": self.count,
             "ms_per_s": [1000 * s / window_s for s in self.seconds] if window_s else None,
+            "max_pause_ms": [1000 * s for s in self.longest],
         }
 
 

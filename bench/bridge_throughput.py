@@ -851,6 +851,11 @@ def summarize(result: dict[str, Any]) -> str:
         lambda p: "/".join(f"{x:.0f}" for x in p["receiver_gc"]["ms_per_s"]) if p.get("receiver_gc") else None,
         "",
     )
+    row(
+        "receiver longest gc pause (ms)",
+        lambda p: max(p["receiver_gc"]["max_pause_ms"]) if p.get("receiver_gc") else None,
+        ".0f",
+    )
     row("mosquitto CPU (cores)", lambda p: p["mosquitto_cores"], ".2f")
     row("load generators CPU (cores)", lambda p: p["generator_cores"], ".2f")
     row(
@@ -912,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
         "--experiment",
         default="",
         help="candidate fixes applied to both receivers, comma-separated: gc (gc.freeze + gen0 threshold "
-        "50000), props (cached paho MQTT 5 property tables), direct (dispatch from paho's callback, no "
+        "10000), props (cached paho MQTT 5 property tables), direct (dispatch from paho's callback, no "
         "aiomqtt queue); default none",
     )
     parser.add_argument("--profile", metavar="DIR", help="py-spy the receiver during each window (collapsed stacks)")

@@ -96,6 +96,11 @@ class Bridge:
     async def run(self, *, drain_timeout: float = 10.0) -> None:
         """Run until :meth:`stop` (or SIGINT/SIGTERM when installed by the CLI)."""
         await self.backend.start()
+        if self.config.asr.vad_url or self.config.asr.vad_realtime_url:
+            log.warning(
+                "config.vad_url_ignored",
+                reason="EchoKit's remote VAD server is not supported yet; Silero runs in process",
+            )
         log.info("bridge.starting", instance=self.instance, backend=self.backend.name, prefix=self.topics.prefix)
         try:
             async with asyncio.TaskGroup() as tg:

@@ -78,6 +78,8 @@ class AsrConfig(_Section):
     """HTTP engines: per attempt, request to response. Streaming sockets: the whole ``finish``, shared by its attempts."""
     connect_timeout_s: Positive = 3.0
     max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
+    max_connections: PositiveInt = 256
+    """HTTP engines: one pooled client for all devices, at most this many connections (utterances in flight)."""
     # openai
     stream: bool = False
     """gpt-4o-transcribe family: read SSE ``transcript.text.delta`` events as partials."""

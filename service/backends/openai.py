@@ -35,7 +35,8 @@ from service.config import AsrConfig
 log = structlog.get_logger(__name__)
 
 SAMPLE_RATE = 16000
-DEFAULT_MAX_CONNECTIONS = 64
+KEEPALIVE_CONNECTIONS = 64
+"""Idle connections kept warm; bursts beyond it open (and later close) more, up to the limit."""
 """Pooled connections to the ASR server; turns beyond this wait for one (within ``timeout_s``)."""
 MIN_SAMPLES = SAMPLE_RATE // 10
 """OpenAI rejects audio under 0.1 s (400 ``audio_too_short``); such a turn is no speech, not an error."""
@@ -102,11 +103,12 @@ class OpenAIBackend(TranscriptionBackend):
         config: AsrConfig,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections: int | None = None,
     ) -> None:
         self._config = config
         self._transport = transport
-        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        limit = max_connections or config.max_connections
+        self._limits = httpx.Limits(max_connections=limit, max_keepalive_connections=min(limit, KEEPALIVE_CONNECTIONS))
         self._timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
         self._retry = RetryPolicy(attempts=1 + config.max_retries)
         self._client: httpx.AsyncClient | None = None
