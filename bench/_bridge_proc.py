@@ -33,6 +33,7 @@ from service.backends import Recognition, RecognitionStream, SessionOptions, Tra
 from service.bridge import Bridge
 from service.config import parse_config
 from service.logs import configure
+from service.mqtt import _dispatching_queue
 
 FINAL_TEXT = "what time is it"
 SAMPLE_EVERY_S = 0.05  # backlog and event-loop lag sampling period inside the window
@@ -87,7 +88,7 @@ class CountingBridge(Bridge):
 
 # Experiments: candidate fixes, measured without touching service/ (off by default) -----------------
 
-EXPERIMENTS = ("gc", "props", "direct")
+EXPERIMENTS = ("gc", "props")
 
 
 class _FastProperties:
@@ -117,18 +118,6 @@ class _FastProperties:
         _packet.Properties = FastProperties
 
 
-class _DirectQueue(asyncio.Queue):  # type: ignore[type-arg]
-    """Stands in for aiomqtt's incoming queue: paho's on_message hands each message straight
-    to the handler, skipping queue, per-message Task + asyncio.wait and one loop turn."""
-
-    def __init__(self, handler: Any) -> None:
-        super().__init__()
-        self._handler = handler
-
-    def put_nowait(self, item: Any) -> None:
-        self._handler(item)
-
-
 def apply_experiments(names: list[str]) -> None:
     if "gc" in names:
         import gc
@@ -138,10 +127,6 @@ def apply_experiments(names: list[str]) -> None:
         gc.set_threshold(10_000, 10, 10)
     if "props" in names:
         _FastProperties.install()
-
-
-def direct_dispatch(client: aiomqtt.Client, handler: Any) -> None:
-    client._queue = _DirectQueue(handler)
 
 
 # Plumbing shared by both roles ------------------------------------------------------------------
@@ -303,7 +288,7 @@ async def run_bridge(args: argparse.Namespace) -> None:
 [mqtt]
 url = "mqtt://{host}:{port}"
 topic_prefix = "{args.prefix}"
-max_queued_messages = {args.max_queued}
+protocol = {args.protocol}
 
 [session]
 endpointing = "{args.endpointing}"
@@ -319,15 +304,6 @@ format = "json"
     logging.getLogger("mqtt").addHandler(drops)
     backend = InstantBackend()
     bridge = CountingBridge(config, backend=backend)
-    if "direct" in args.experiment:
-        make_client = bridge.link._make_client
-
-        def make_direct_client() -> aiomqtt.Client:
-            client = make_client()
-            direct_dispatch(client, bridge._dispatch)
-            return client
-
-        bridge.link._make_client = make_direct_client  # type: ignore[method-assign]
     apply_experiments(args.experiment)
     lines = stdin_lines()
     runner = asyncio.create_task(bridge.run(drain_timeout=2.0))
@@ -372,30 +348,30 @@ async def run_subscriber(args: argparse.Namespace) -> None:
     logging.getLogger("mqtt").addHandler(drops)
     lines = stdin_lines()
     count = 0
-    # Same client options as the bridge's MqttLink: MQTT 5, clean start, bounded queue,
-    # audio subscribed at QoS 1 (delivered at QoS 0 because devices publish at 0).
+
+    def count_one(message: object) -> None:
+        nonlocal count
+        count += 1
+
+    # Same client options as the bridge's MqttLink: protocol, clean start, messages handed to
+    # the handler as paho reads them (service.mqtt's dispatching queue), audio subscribed at
+    # QoS 1 (delivered at QoS 0 because devices publish at 0).
     async with aiomqtt.Client(
         args.host,
         args.port,
         identifier=f"bench-bare-subscriber-{os.getpid()}",
-        protocol=aiomqtt.ProtocolVersion.V5,
+        protocol=aiomqtt.ProtocolVersion.V5 if args.protocol == 5 else aiomqtt.ProtocolVersion.V311,
         clean_start=True,
-        max_queued_incoming_messages=args.max_queued,
+        clean_session=None if args.protocol == 5 else True,
+        queue_type=_dispatching_queue(count_one),  # type: ignore[arg-type]
         timeout=10,
     ) as client:
         await client.subscribe(topics.audio_filter, qos=1)
 
         async def counter() -> None:
-            nonlocal count
-            async for _ in client.messages:
-                count += 1
+            async for _ in client.messages:  # waits for a disconnect; messages go to count_one
+                pass
 
-        def count_one(message: object) -> None:
-            nonlocal count
-            count += 1
-
-        if "direct" in args.experiment:
-            direct_dispatch(client, count_one)
         apply_experiments(args.experiment)
 
         counting = asyncio.create_task(counter())
@@ -425,7 +401,7 @@ def main() -> None:
     parser.add_argument("--prefix", default="echokit")
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--endpointing", default="push_to_talk")
-    parser.add_argument("--max-queued", type=int, default=20000, help="aiomqtt incoming queue bound (bridge default)")
+    parser.add_argument("--protocol", type=int, choices=[3, 5], default=5, help="MQTT version of bridge/subscriber")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--experiment", default="", help="comma-separated: " + ",".join(EXPERIMENTS))
     args = parser.parse_args()

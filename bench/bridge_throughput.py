@@ -198,6 +198,7 @@ class Device:
     pub_times: list[float] = field(default_factory=list)
     t_speech_ended: float | None = None
     sock: Any = None
+    epoch: int = 0  # bumped per utterance: heap entries of an earlier utterance are ignored
     topic_field: bytes = b""  # MQTT length-prefixed audio topic, for pre-framed PUBLISH packets
 
 
@@ -217,7 +218,7 @@ class Generator:
         self.paho_publish = bool(spec.get("paho_publish"))
         self.raw_fallbacks = 0
         self.selector = selectors.DefaultSelector()
-        self.heap: list[tuple[float, int, Device]] = []
+        self.heap: list[tuple[float, int, int, Device]] = []
         self.devices: list[Device] = []
         self.touched: set[int] = set()
         self.window = (0.0, 0.0)
@@ -348,7 +349,7 @@ class Generator:
     # device behaviour
 
     def _schedule(self, dev: Device, due: float) -> None:
-        heapq.heappush(self.heap, (due, dev.index, dev))
+        heapq.heappush(self.heap, (due, dev.index, dev.epoch, dev))
 
     def _start_utterance(self, dev: Device, now: float) -> None:
         if now >= self.t_end:
@@ -357,6 +358,7 @@ class Generator:
         dev.session = dev.rng.randint(1, 0xFFFFFFFF)
         dev.clip = (dev.index + dev.utterances) % len(self.clips)
         dev.utterances += 1
+        dev.epoch += 1
         ptt = self.mode == "push_to_talk"
         frames = frames_of(self.clips[dev.clip], dev.session, FRAME_MS, last=ptt)
         dev.frames = [f.encode() for f in frames]
@@ -488,7 +490,7 @@ class Generator:
                 self._schedule(dev, dev.base)
             else:  # spread utterance phases over one utterance length, like an unsynchronised fleet
                 dev.state = "idle"
-                heapq.heappush(self.heap, (t0 + dev.rng.uniform(0, 2.0), dev.index, dev))
+                self._schedule(dev, t0 + dev.rng.uniform(0, 2.0))
         next_misc = time.monotonic() + 1.0
         while True:
             now = time.monotonic()
@@ -501,7 +503,9 @@ class Generator:
             self._poll(timeout)
             now = time.monotonic()
             while self.heap and self.heap[0][0] <= now:
-                due, _, dev = heapq.heappop(self.heap)
+                due, _, epoch, dev = heapq.heappop(self.heap)
+                if epoch != dev.epoch:
+                    continue  # scheduled for an utterance that has ended since
                 if due >= self.t_end:
                     dev.state = "done" if dev.state != "waiting" else dev.state
                     continue
@@ -688,6 +692,8 @@ def run_phase(
             args.bridge_log_level,
             "--experiment",
             args.experiment,
+            "--protocol",
+            str(args.protocol),
         ],
         logdir,
     )
@@ -816,6 +822,18 @@ def run_phase(
     return out
 
 
+def git_describe() -> str | None:
+    """The commit measured, ``+dirty`` when the work tree has changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def _fmt(value: Any, spec: str = ".0f", unit: str = "") -> str:
     if value is None:
         return "-"
@@ -829,7 +847,8 @@ def summarize(result: dict[str, Any]) -> str:
         f"EchoKit MQTT bridge throughput: {cfg['devices']} devices x {cfg['seconds']:g} s, {FRAME_MS} ms frames "
         f"(50 frames/s each), endpointing {cfg['endpointing']}, window {cfg['seconds'] - cfg['warmup']:g} s "
         f"after {cfg['warmup']:g} s warm-up",
-        f"machine: {result['env']['cpus']} CPUs, load average before run {result['env']['loadavg_before']}",
+        f"machine: {result['env']['cpus']} CPUs, load average before run {result['env']['loadavg_before']}; "
+        f"code {result['env']['git']}",
         *([f"EXPERIMENTS applied to both receivers: {cfg['experiment']}"] if cfg.get("experiment") else []),
         "",
         f"{'':34}{'ceiling (bare aiomqtt)':>24}{'bridge':>14}",
@@ -916,10 +935,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--experiment",
         default="",
-        help="candidate fixes applied to both receivers, comma-separated: gc (gc.freeze + gen0 threshold "
-        "10000), props (cached paho MQTT 5 property tables), direct (dispatch from paho's callback, no "
-        "aiomqtt queue); default none",
+        help="candidate fixes applied to both receivers, comma-separated: gc (gen0 threshold 10000 on top of "
+        "the bridge's own gc.freeze), props (cached paho MQTT 5 property tables); default none",
     )
+    parser.add_argument("--protocol", type=int, choices=[3, 5], default=5, help="MQTT version of both receivers")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the receiver during each window (collapsed stacks)")
     parser.add_argument("--prefix", default="echokit")
     parser.add_argument("--seed", type=int, default=1)
@@ -943,6 +962,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "git": git_describe(),
     }
     result: dict[str, Any] = {
         "config": {
@@ -955,6 +975,7 @@ def main(argv: list[str] | None = None) -> int:
             "clip_seconds": [round(len(c) / 16000, 2) for c in load_clips()],
             "vad_decision_frames": fdec,
             "experiment": args.experiment,
+            "protocol": args.protocol,
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
         },
         "env": env,

@@ -163,6 +163,7 @@ case $MODE in
     USER_NAME=$BRIDGE_USER
     PASSWORD=${ARG1:-${MQTT_PASSWORD:-}}
     [ -n "$PASSWORD" ] || PASSWORD=$(password_from_env_file)
+    [ "$PASSWORD" != change-me ] || die "MQTT_PASSWORD is still .env.example's 'change-me': set a real one in $ENV_FILE"
     ;;
   device)
     [ "$NARGS" -ge 1 ] && [ "$NARGS" -le 2 ] || { usage >&2; exit 2; }

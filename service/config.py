@@ -41,8 +41,8 @@ class MqttConfig(_Section):
     topic_prefix: str = DEFAULT_PREFIX
     ca_file: str = ""
     keepalive_s: PositiveInt = 30
-    max_queued_messages: PositiveInt = 20000
-    """Bound on aiomqtt's incoming queue: beyond it the newest messages are dropped, not RAM."""
+    protocol: Literal[5, 3] = 5
+    """MQTT version of the bridge's own connection (devices may use either): 5, or 3 for 3.1.1."""
     reconnect_max_s: Positive = 30.0
 
 
@@ -75,7 +75,7 @@ class AsrConfig(_Section):
     vad: VadConfig = msgspec.field(default_factory=VadConfig)
     # Network backends (ours; EchoKit hard-codes 3 attempts x 10 s)
     timeout_s: Positive = 10.0
-    """HTTP engines: per attempt, request to response. Streaming sockets: the whole ``finish``, shared by its attempts."""
+    """HTTP engines: per attempt, request to response. Sockets: the whole ``finish``, shared by its attempts."""
     connect_timeout_s: Positive = 3.0
     max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
     max_connections: PositiveInt = 256

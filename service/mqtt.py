@@ -28,6 +28,21 @@ log = structlog.get_logger(__name__)
 MessageHandler = Callable[[aiomqtt.Message], None]
 
 
+def _dispatching_queue(handler: MessageHandler) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """aiomqtt's ``queue_type`` hook: each message goes to ``handler`` as paho reads it.
+
+    No task and no ``asyncio.wait`` per message, and no backlog in the bridge's memory: when
+    the bridge falls behind, messages wait in the socket and at the broker, which bounds
+    them (``max_queued_messages``) and counts what it drops.
+    """
+
+    class DispatchingQueue(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            handler(item)
+
+    return DispatchingQueue
+
+
 @dataclass(slots=True)
 class LinkStats:
     connects: int = 0
@@ -66,21 +81,25 @@ class MqttLink:
         tls: ssl.SSLContext | None = None
         if url.scheme == "mqtts":
             tls = ssl.create_default_context(cafile=self._config.ca_file or None)
-        connect_properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        connect_properties.SessionExpiryInterval = 0
+        v5 = self._config.protocol == 5
+        connect_properties = None
+        if v5:
+            connect_properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            connect_properties.SessionExpiryInterval = 0
         return aiomqtt.Client(
             hostname=url.hostname or "localhost",
             port=url.port or (8883 if tls else 1883),
             username=self._config.username or None,
             password=self._config.password or None,
             identifier=self._config.client_id or f"echokit-bridge-{self._instance}",
-            protocol=ProtocolVersion.V5,
+            protocol=ProtocolVersion.V5 if v5 else ProtocolVersion.V311,
             clean_start=True,
+            clean_session=None if v5 else True,
             properties=connect_properties,
             keepalive=self._config.keepalive_s,
             tls_context=tls,
             will=aiomqtt.Will(self._topics.status, self._status("offline"), qos=1, retain=True),
-            max_queued_incoming_messages=self._config.max_queued_messages,
+            queue_type=_dispatching_queue(self._on_message),
             timeout=10,
         )
 
@@ -99,8 +118,8 @@ class MqttLink:
                     self.connected.set()
                     log.info("mqtt.connected", url=_redact(self._config.url))
                     delay = 0.5
-                    async for message in client.messages:
-                        self._on_message(message)
+                    async for _ in client.messages:  # messages go to the handler; this waits for a disconnect
+                        pass
             except aiomqtt.MqttError as exc:
                 log.warning("mqtt.disconnected", error=str(exc), retry_in_s=round(delay, 2))
             finally:

@@ -85,9 +85,11 @@ class Session:
         self._started_ms: int | None = None
         self._endpointer = self._make_endpointer()
         self._vad_stream = VadStream()
-        self._vad_pending = np.zeros(0, dtype=np.float32)
+        self._vad_pending = np.zeros(0, dtype=np.int16)
+        """Audio not yet scored (less than a window); it reaches the recogniser with its window."""
         self._speculation: asyncio.Task[Recognition] | None = None
         self.ended = False
+        self._ending = False
         self.log = structlog.get_logger(__name__).bind(device=device_id, session=session_id)
 
     def _make_endpointer(self) -> Endpointer | None:
@@ -102,8 +104,9 @@ class Session:
             self._audio.put_nowait(np.frombuffer(pcm, dtype="<i2"))
 
     def end(self, reason: EndReason) -> None:
-        """The device ended the turn (LAST frame) or the stream went quiet."""
-        if not self.ended:
+        """The device ended the turn (LAST frame), the stream went quiet, or the backend decided; first wins."""
+        if not self.ended and not self._ending:
+            self._ending = True
             self._audio.put_nowait(_End(reason))
 
     def configure(self, endpointing: Endpointing, options: SessionOptions) -> None:
@@ -144,8 +147,14 @@ class Session:
         self._outbox.put_nowait(message)
 
     async def _send_all(self) -> None:
+        """Publish in order without waiting for each PUBACK (the broker keeps a client's order)."""
+        sending: set[asyncio.Task[None]] = set()
         while (message := await self._outbox.get()) is not None:
-            await self._services.publisher.send(self.device_id, message)
+            task = asyncio.create_task(self._services.publisher.send(self.device_id, message))
+            sending.add(task)
+            task.add_done_callback(sending.discard)
+        if sending:
+            await asyncio.wait(sending)
 
     async def _turn(self) -> None:
         self._emit(Listening(session=self.session_id, endpointing=self.endpointing, sample_rate=16000))
@@ -161,17 +170,26 @@ class Session:
                 await self._stream.cancel()
 
     async def _listen(self) -> TurnEnd:
-        """Take audio until the turn ends: VAD, LAST frame, cancel, length cap or silence on the wire."""
+        """Take audio until the turn ends: VAD, LAST frame, cancel, length cap, or the manager's idle timeout.
+
+        Whatever is queued when the task wakes is taken as one chunk, so a busy bridge pays
+        the per-wake cost once per batch of frames rather than once per frame.
+        """
         while True:
-            try:
-                async with asyncio.timeout(self._services.session.idle_timeout_s):
-                    item = await self._audio.get()
-            except TimeoutError:
-                return TurnEnd(self._offset_ms(), EndReason.TIMEOUT)
-            if isinstance(item, _End):
-                return TurnEnd(self._offset_ms(), item.reason)
-            if (end := await self._take(item)) is not None:
+            items = [await self._audio.get()]
+            while not self._audio.empty():
+                items.append(self._audio.get_nowait())
+            pcm: list[np.ndarray] = []
+            ending: _End | None = None
+            for item in items:
+                if isinstance(item, _End):
+                    ending = item
+                    break
+                pcm.append(item)
+            if pcm and (end := await self._take(np.concatenate(pcm) if len(pcm) > 1 else pcm[0])) is not None:
                 return end
+            if ending is not None:
+                return TurnEnd(self._offset_ms(), ending.reason)
 
     async def _take(self, pcm: np.ndarray) -> TurnEnd | None:
         if self._stream is None:
@@ -180,12 +198,12 @@ class Session:
         too_long = len(pcm) > room
         if too_long:
             pcm = pcm[:room]
-        self._stream.feed(pcm)
         self._samples += len(pcm)
         if self._endpointer is not None:
             end = await self._detect(pcm)
         else:
             end = None
+            self._stream.feed(pcm)
             self._device_speaks(pcm)
         if end is None and too_long:
             limit = self._services.session.max_utterance_s
@@ -207,11 +225,17 @@ class Session:
             self._emit(SpeechStarted(session=self.session_id, offset_ms=0))
 
     async def _detect(self, pcm: np.ndarray) -> TurnEnd | None:
-        assert self._endpointer is not None
-        self._vad_pending = np.concatenate([self._vad_pending, pcm.astype(np.float32) / 32768.0])
-        while len(self._vad_pending) >= WINDOW:
-            window, self._vad_pending = self._vad_pending[:WINDOW], self._vad_pending[WINDOW:]
-            for event in self._endpointer.update(await self._services.vad.score(self._vad_stream, window)):
+        """Score 512-sample windows; each reaches the recogniser just before its score, so a
+        speculation started at a pause holds exactly the audio up to that pause."""
+        assert self._endpointer is not None and self._stream is not None
+        pending = np.concatenate([self._vad_pending, pcm]) if len(self._vad_pending) else pcm
+        taken = 0
+        while len(pending) - taken >= WINDOW:
+            window = pending[taken : taken + WINDOW]
+            taken += WINDOW
+            self._stream.feed(window)
+            probability = await self._services.vad.score(self._vad_stream, window.astype(np.float32) / 32768.0)
+            for event in self._endpointer.update(probability):
                 if isinstance(event, SpeechStart):
                     self._started_ms = event.offset_ms
                     self._emit(SpeechStarted(session=self.session_id, offset_ms=event.offset_ms))
@@ -220,13 +244,17 @@ class Session:
                 elif isinstance(event, SpeechResumed):
                     self._drop_speculation()
                 elif isinstance(event, TurnEnd):
+                    self._vad_pending = pending[taken:]
                     return event
+        self._vad_pending = pending[taken:]
         return None
 
     async def _conclude(self, end: TurnEnd) -> None:
         """Publish the final: the backend's, or an empty one when nobody spoke."""
         ended_at = time.monotonic()
         stream, self._stream = self._stream, None
+        if stream is not None and len(self._vad_pending) and end.reason not in (EndReason.SILENCE, EndReason.NO_SPEECH):
+            stream.feed(self._vad_pending)  # the tail after the last whole window: the device's, not silence
         if stream is None or end.reason is EndReason.NO_SPEECH or self._started_ms is None:
             if stream is not None:
                 await stream.cancel()

@@ -217,6 +217,7 @@ class SessionManager:
         if device.session is None:
             self._active += 1
         device.session = session
+        device.last_frame = time.monotonic()  # the idle clock starts with the session
         self.stats.sessions_started += 1
         task = asyncio.create_task(session.run(), name=f"session-{device_id}-{session_id}")
         self._tasks.add(task)
@@ -274,6 +275,8 @@ class SessionManager:
                             session.push(pcm)
                         if reassembler.complete:
                             session.end(EndReason.DEVICE)
+                if session is not None and now - device.last_frame > self._config.session.idle_timeout_s:
+                    session.end(EndReason.TIMEOUT)  # device gone, or its LAST frame lost
                 if session is None and now - device.last_seen > 600:
                     del self._devices[device_id]
 

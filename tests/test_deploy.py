@@ -145,7 +145,12 @@ class DeployBroker:
 
     def provision(self) -> dict[str, str]:
         """Credentials as a user makes them: add-device.sh for the bridge and two devices."""
-        bridge = add_device("-f", str(self.passwd), "--bridge", env={"MQTT_PASSWORD": BRIDGE_PASSWORD})
+        # As the README says: MQTT_PASSWORD in deploy/.env, which --bridge reads (quotes and all).
+        env_file = self.dir / ".env"
+        env_file.write_text(
+            ENV_EXAMPLE.read_text().replace("MQTT_PASSWORD=change-me", f'MQTT_PASSWORD="{BRIDGE_PASSWORD}"')
+        )
+        bridge = add_device("-f", str(self.passwd), "--bridge", env={"ENV_FILE": str(env_file), "MQTT_PASSWORD": ""})
         self.outputs[BRIDGE_USER] = bridge.stdout
         for device, password in PASSWORDS.items():
             self.outputs[device] = add_device("-f", str(self.passwd), device, password).stdout
@@ -301,12 +306,13 @@ class Client:
     def drop(self) -> None:
         """Vanish without DISCONNECT, as a crashed process does: the broker sends the will."""
         sock = self._client.socket()
-        if sock is not None:
+        if isinstance(sock, socket.socket):
             sock.shutdown(socket.SHUT_RDWR)
         self._client.loop_stop()
 
     def subscribe(self, topic: str, qos: int = 1) -> ReasonCode:
         _, mid = self._client.subscribe(topic, qos)
+        assert mid is not None
         self._wait(lambda: mid in self._subacks, 10, f"SUBACK for {topic}")
         return self._subacks[mid][0]
 
@@ -369,9 +375,9 @@ def test_the_broker_runs_the_shipped_config(deploy_broker: DeployBroker) -> None
     assert int(settings["max_packet_size"][0]) > 16400 + 100  # the bridge's max_frame_bytes + topic, header
     assert settings["log_dest"] == ["stderr"]
     # The broker started cleanly; the only warning is the documented one about the status rule.
-    log = deploy_broker.log()
-    assert f"Opening ipv4 listen socket on port {deploy_broker.port}" in log
-    warnings = [line for line in log.splitlines() if "Warning" in line or "Error" in line]
+    startup = deploy_broker.log().partition(" running")[0]
+    assert f"Opening ipv4 listen socket on port {deploy_broker.port}" in startup
+    warnings = [line for line in startup.splitlines() if "Warning" in line or "Error" in line or "Note" in line]
     assert all("ACL pattern 'echokit/status'" in line for line in warnings), warnings
 
 
@@ -425,6 +431,9 @@ def test_add_device_limits_and_updates(tmp_path: Path) -> None:
     environment = {"ENV_FILE": str(env_file)}
     result = add_device("-f", str(passwd), "--bridge", env={**environment, "MQTT_PASSWORD": ""})
     assert "Bridge user 'bridge'" in result.stdout and "Generated" not in result.stdout
+    env_file.write_text(ENV_EXAMPLE.read_text())  # copied but not edited
+    result = add_device("-f", str(passwd), "--bridge", env={**environment, "MQTT_PASSWORD": ""}, check=False)
+    assert result.returncode == 2 and "change-me" in result.stderr
 
 
 # ---- what the ACL lets through -------------------------------------------------------------------
@@ -613,8 +622,9 @@ def test_real_bridge_serves_a_device_through_the_acl(deploy_broker: DeployBroker
         ):
             await c.subscribe(f"{PREFIX}/status", qos=1)
             async for message in c.messages:
-                if message.payload and json.loads(bytes(message.payload)).get("state") == state:  # type: ignore[arg-type]
-                    return json.loads(bytes(message.payload))  # type: ignore[arg-type,no-any-return]
+                status: dict[str, Any] = json.loads(bytes(message.payload)) if message.payload else {}
+                if status.get("state") == state:
+                    return status
         raise AssertionError("unreachable")
 
     try:
@@ -689,12 +699,14 @@ def test_the_commented_tls_listener_works_when_uncommented() -> None:
         ca = broker.dir / "certs" / "ca.crt"
         with bridge_user(broker) as bridge:  # the bridge stays on the plain listener
             bridge.subscribe(f"{PREFIX}/+/in/audio")
-            with Client(broker.tls_port, DEV_A, PASSWORDS[DEV_A], v5=False, tls_ca=ca) as a:
-                payload = marker()
-                a.publish(f"{PREFIX}/{DEV_A}/in/audio", payload, qos=1)
-                bridge.wait_for(f"{PREFIX}/{DEV_A}/in/audio", payload)
-                assert a.publish(f"{PREFIX}/{DEV_B}/in/audio", payload, qos=1).is_failure is False  # 3.1.1: silent
-        # Passwords and the ACL are global: the TLS listener refuses the anonymous too.
+            for v5 in (False, True):
+                with Client(broker.tls_port, DEV_A, PASSWORDS[DEV_A], v5=v5, tls_ca=ca) as a:
+                    payload = marker()
+                    a.publish(f"{PREFIX}/{DEV_A}/in/audio", payload, qos=1)
+                    bridge.wait_for(f"{PREFIX}/{DEV_A}/in/audio", payload)
+                    if v5:  # the ACL applies on this listener too
+                        assert a.publish(f"{PREFIX}/{DEV_B}/in/audio", payload, qos=1).value == 0x87
+        # Passwords are global too: the TLS listener refuses the anonymous and wrong passwords.
         for username, password in ((None, None), (DEV_A, "wrong")):
             client = Client(broker.tls_port, username, password, tls_ca=ca)
             try:
@@ -836,7 +848,8 @@ def _dockerfile_command() -> list[str]:
 
 def _healthcheck_command() -> list[str]:
     args = dict(_final_stage())["HEALTHCHECK"]
-    return json.loads(args[args.index("CMD") + 3 :].strip())
+    command: list[str] = json.loads(args[args.index("CMD") + 3 :].strip())
+    return command
 
 
 def test_dockerfile_runs_the_bridge_on_the_mounted_config() -> None:
