@@ -204,7 +204,8 @@ def main() -> int:
             fake.kill()
     print(f"{args.in_flight} utterances in flight x {args.rounds} rounds, fake latency {args.latency_ms:g} ms")
     print(
-        f"{'client':6} {'lat p50':>8} {'p95':>8} {'p99':>8} {'added p50':>10} {'lag p50':>8} {'lag p99':>8} {'cpu/utt':>8}"
+        f"{'client':6} {'lat p50':>8} {'p95':>8} {'p99':>8} {'added p50':>10}"
+        f" {'lag p50':>8} {'lag p99':>8} {'cpu/utt':>8}"
     )
     for name in ("ours", "sdk"):
         s = summary[name]
