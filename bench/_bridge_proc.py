@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import aiomqtt
+from paho.mqtt import client as mqtt_client
 import numpy as np
 
 from firmware_protocol import Topics
@@ -361,7 +362,7 @@ async def run_subscriber(args: argparse.Namespace) -> None:
         args.port,
         identifier=f"bench-bare-subscriber-{os.getpid()}",
         protocol=aiomqtt.ProtocolVersion.V5 if args.protocol == 5 else aiomqtt.ProtocolVersion.V311,
-        clean_start=True,
+        clean_start=True if args.protocol == 5 else mqtt_client.MQTT_CLEAN_START_FIRST_ONLY,
         clean_session=None if args.protocol == 5 else True,
         queue_type=_dispatching_queue(count_one),  # type: ignore[arg-type]
         timeout=10,
@@ -401,7 +402,7 @@ def main() -> None:
     parser.add_argument("--prefix", default="echokit")
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--endpointing", default="push_to_talk")
-    parser.add_argument("--protocol", type=int, choices=[3, 5], default=5, help="MQTT version of bridge/subscriber")
+    parser.add_argument("--protocol", type=int, choices=[3, 5], default=3, help="MQTT version of bridge/subscriber")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--experiment", default="", help="comma-separated: " + ",".join(EXPERIMENTS))
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""The broker connection: MQTT 5 via aiomqtt, reconnecting with backoff, status with a will.
+"""The broker connection via aiomqtt (3.1.1 or 5), reconnecting with backoff, status with a will.
 
 :class:`MqttLink` owns the client; everything else publishes through it and receives
 messages through one callback. Publishing while disconnected drops the message and
@@ -18,6 +18,7 @@ import aiomqtt
 import structlog
 from aiomqtt import ProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt import client as paho_client
 from paho.mqtt.properties import Properties
 
 from firmware_protocol import PROTOCOL_VERSION, BridgeStatus, Topics, encode_message
@@ -93,7 +94,7 @@ class MqttLink:
             password=self._config.password or None,
             identifier=self._config.client_id or f"echokit-bridge-{self._instance}",
             protocol=ProtocolVersion.V5 if v5 else ProtocolVersion.V311,
-            clean_start=True,
+            clean_start=True if v5 else paho_client.MQTT_CLEAN_START_FIRST_ONLY,  # paho: v5 only
             clean_session=None if v5 else True,
             properties=connect_properties,
             keepalive=self._config.keepalive_s,

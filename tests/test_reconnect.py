@@ -33,3 +33,11 @@ async def test_bridge_reconnects_after_the_broker_restarts(tmp_path: Path, speec
     finally:
         if bridge.process is not None and bridge.process.poll() is None:
             bridge.process.kill()
+
+
+async def test_bridge_on_mqtt_5(make_bridge: object, speech: dict) -> None:
+    bridge: BridgeProcess = make_bridge("", mqtt_extra="protocol = 5")  # type: ignore[operator]
+    received = await send_utterance(
+        bridge.broker.url, "v5", speech["what_time"], prefix=bridge.prefix, speed=0, push_to_talk=True
+    )
+    assert received[-1].message.text == "what time is it"  # type: ignore[union-attr]
