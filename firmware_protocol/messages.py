@@ -61,7 +61,33 @@ class Cancel(_Message, tag="cancel"):
     session: SessionId
 
 
-DeviceMessage = Start | Cancel
+Millis = Annotated[int, msgspec.Meta(ge=0, le=60_000)]
+Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class EndpointingOverrides(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Per-device endpointing: the same fields in ``configure`` messages and ``[devices.<id>]`` tables."""
+
+    endpointing: Endpointing | None = None
+    threshold: Probability | None = None
+    neg_threshold: Probability | None = None
+    min_speech_duration_ms: Millis | None = None
+    max_silence_duration_ms: Millis | None = None
+    hangover_ms: Millis | None = None
+    no_speech_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] | None = None
+    max_utterance_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+
+
+class Configure(_Message, EndpointingOverrides, tag="configure"):
+    """Endpointing for this device's next sessions, over the bridge's config; unset fields keep theirs.
+
+    ``reset`` first drops earlier ``configure`` values. Answered with :class:`Configured`.
+    """
+
+    reset: bool = False
+
+
+DeviceMessage = Start | Cancel | Configure
 
 # Bridge → device ---------------------------------------------------------------------------
 
@@ -118,7 +144,20 @@ class BridgeStatus(_Message, tag="status"):
     protocol: int
 
 
-BridgeMessage = Listening | SpeechStarted | SpeechEnded | Transcript | Error | BridgeStatus
+class Configured(_Message, tag="configured"):
+    """The endpointing now in force for the device's next sessions (every value, effective)."""
+
+    endpointing: Endpointing
+    threshold: float
+    neg_threshold: float
+    min_speech_duration_ms: int
+    max_silence_duration_ms: int
+    hangover_ms: int
+    no_speech_timeout_ms: int
+    max_utterance_s: float
+
+
+BridgeMessage = Listening | SpeechStarted | SpeechEnded | Transcript | Error | BridgeStatus | Configured
 
 _encoder = msgspec.json.Encoder()
 _device_decoder: msgspec.json.Decoder[DeviceMessage] = msgspec.json.Decoder(DeviceMessage)

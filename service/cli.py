@@ -1,4 +1,4 @@
-"""``echokit-bridge``: run the bridge or check a configuration file."""
+"""``echokit-bridge``: run the bridge, check a configuration file, or watch what devices are told."""
 
 from __future__ import annotations
 
@@ -20,7 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", required=True, help="TOML configuration file")
     check = sub.add_parser("check-config", help="validate a configuration file and list every problem")
     check.add_argument("path")
+    from service import tail
+
+    tail.add_arguments(sub.add_parser("tail", help="print every device's voice activity, transcripts and errors, live"))
     args = parser.parse_args(argv)
+    if args.command == "tail":
+        return tail.run(args)
 
     path = args.config if args.command == "run" else args.path
     try:

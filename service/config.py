@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from firmware_protocol import DEFAULT_PREFIX, Endpointing, is_valid_device_id
+from firmware_protocol import DEFAULT_PREFIX, Endpointing, EndpointingOverrides, is_valid_device_id
 
 Report = typing.Callable[[str, str], None]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -127,11 +127,43 @@ class SessionConfig(_Section):
 class DevicesConfig(_Section):
     allow: list[str] = msgspec.field(default_factory=list)
     """Empty: any valid device id. Otherwise only these ids; others get ``unknown_device``."""
+    tuning: dict[str, EndpointingOverrides] = msgspec.field(default_factory=dict)
+    """``[devices.<id>]`` tables: endpointing for one device (written in TOML without ``tuning``)."""
 
 
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+
+
+class HomeAssistantConfig(_Section):
+    """MQTT discovery: each device that speaks appears in Home Assistant (off unless enabled)."""
+
+    enabled: bool = False
+    discovery_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")] = "homeassistant"
+    """Home Assistant's ``discovery_prefix``; its birth message is expected on ``<discovery_prefix>/status``."""
+
+
+class MetricsConfig(_Section):
+    """Prometheus ``/metrics`` and the ``/healthz`` / ``/readyz`` probes on one small HTTP listener."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:9464"
+    """``host:port`` (``[::1]:9464`` for IPv6); ``0.0.0.0:9464`` in a container; port 0 picks a free one."""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"host:port"`` → ``(host, port)``; :class:`ValueError` saying what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected host:port with a port from 0 to 65535 (e.g. 127.0.0.1:9464), got {value!r}")
+    return host, int(port)
 
 
 class Config(_Section):
@@ -140,6 +172,8 @@ class Config(_Section):
     session: SessionConfig = msgspec.field(default_factory=SessionConfig)
     devices: DevicesConfig = msgspec.field(default_factory=DevicesConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    homeassistant: HomeAssistantConfig = msgspec.field(default_factory=HomeAssistantConfig)
 
 
 PLATFORM_ALIASES = {
@@ -193,9 +227,13 @@ def parse_config(text: str, filename: str = "<config>", env: typing.Mapping[str,
     problems: list[ConfigProblem] = []
 
     def report(path: str, message: str) -> None:
+        path = path.replace("devices.tuning.", "devices.")  # as the file writes it
         problems.append(ConfigProblem(filename, lines.find(path), path, message))
 
     raw = _expand_env(raw, "", env, report)
+    if isinstance(devices := raw.get("devices"), dict):  # [devices.<id>] tables sit beside `allow`
+        tables = {k: v for k, v in devices.items() if k != "allow"}
+        raw["devices"] = {k: v for k, v in devices.items() if k == "allow"} | ({"tuning": tables} if tables else {})
     valid = _validate(raw, Config, "", report)
     # Semantic checks run on what did validate, with defaults for what did not.
     partial = msgspec.convert(valid, Config)
@@ -245,6 +283,10 @@ def _list_item(tp: Any) -> Any:
     return typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
 
 
+def _dict_value(tp: Any) -> Any:
+    return typing.get_args(tp)[1] if typing.get_origin(tp) is dict else None
+
+
 def _validate(raw: Any, struct: type[msgspec.Struct], path: str, report: Report) -> dict[str, Any]:
     """Check each field on its own so that one bad value does not hide the next.
 
@@ -272,6 +314,10 @@ def _validate(raw: Any, struct: type[msgspec.Struct], path: str, report: Report)
         item = _struct_of(_list_item(field.type))
         if item is not None and isinstance(raw[name], list):
             valid[name] = [_validate(v, item, f"{_join(path, name)}[{i}]", report) for i, v in enumerate(raw[name])]
+            continue
+        value = _struct_of(_dict_value(field.type))
+        if value is not None and isinstance(raw[name], dict):
+            valid[name] = {k: _validate(v, value, _join(_join(path, name), k), report) for k, v in raw[name].items()}
             continue
         try:
             msgspec.convert(raw[name], field.type)
@@ -318,9 +364,39 @@ def _check_devices(config: Config, report: Report) -> None:
     for i, device in enumerate(config.devices.allow):
         if not is_valid_device_id(device):
             report(f"devices.allow[{i}]", f"{device!r} is not a valid device id ([A-Za-z0-9_-]{{1,64}})")
+    for device, overrides in config.devices.tuning.items():
+        if not is_valid_device_id(device):
+            report(f"devices.{device}", f"{device!r} is not a valid device id ([A-Za-z0-9_-]{{1,64}})")
+        elif problem := overrides_problem(config, overrides):
+            report(f"devices.{device}.{problem[0]}", problem[1])
 
 
-_SEMANTIC_CHECKS: tuple[typing.Callable[[Config, Report], None], ...] = (_check_mqtt, _check_asr, _check_devices)
+def overrides_problem(config: Config, overrides: EndpointingOverrides) -> tuple[str, str] | None:
+    """What is wrong with per-device endpointing as a whole (field, reason), or ``None``."""
+    vad = config.asr.vad
+    threshold = overrides.threshold if overrides.threshold is not None else vad.threshold
+    negative = overrides.neg_threshold if overrides.neg_threshold is not None else vad.neg_threshold
+    if negative is not None and negative >= threshold:
+        return "neg_threshold", f"must be below threshold ({threshold:g})"
+    if overrides.max_utterance_s is not None and overrides.max_utterance_s > config.session.max_utterance_s:
+        limit = config.session.max_utterance_s
+        return "max_utterance_s", f"may not exceed the bridge's session.max_utterance_s ({limit:g})"
+    return None
+
+
+def _check_metrics(config: Config, report: Report) -> None:
+    try:
+        parse_listen(config.metrics.listen)
+    except ValueError as exc:
+        report("metrics.listen", str(exc))
+
+
+_SEMANTIC_CHECKS: tuple[typing.Callable[[Config, Report], None], ...] = (
+    _check_mqtt,
+    _check_asr,
+    _check_devices,
+    _check_metrics,
+)
 
 
 def _line_from_toml_error(message: str) -> int | None:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiomqtt
-import msgspec
 import numpy as np
 
 from firmware_protocol import (
@@ -29,7 +28,6 @@ from firmware_protocol import (
     FrameFlags,
     ProtocolError,
     SpeechEnded,
-    SpeechStarted,
     Start,
     TopicKind,
     Topics,
@@ -39,6 +37,7 @@ from firmware_protocol import (
     ends_session,
 )
 from service.audio_files import UnsupportedAudio, read_wav_16k_mono
+from service.describe import describe
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,20 +146,7 @@ async def send_utterance(
 
 
 def _describe(item: Received) -> str:
-    m = item.message
-    stamp = f"[{item.at:6.2f}s]"
-    if isinstance(m, SpeechStarted):
-        return f"{stamp} speech started at {m.offset_ms} ms"
-    if isinstance(m, SpeechEnded):
-        return f"{stamp} speech ended at {m.offset_ms} ms ({m.reason.value})"
-    if isinstance(m, Transcript):
-        if m.final:
-            shown = m.text or f"<nothing recognised: {m.reason.value if m.reason else 'empty'}>"
-            return f"{stamp} final: {shown}  (backend {m.backend}, {m.latency_ms} ms after end of speech)"
-        return f"{stamp} partial: {m.text}"
-    tag = m.__struct_config__.tag
-    fields = {k: v for k, v in msgspec.to_builtins(m).items() if k not in ("session", "type")}
-    return f"{stamp} {tag}: {fields}"
+    return f"[{item.at:6.2f}s] {describe(item.message)}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 import aiomqtt
 import structlog
 from aiomqtt import ProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt import client as paho_client
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from firmware_protocol import PROTOCOL_VERSION, BridgeStatus, Topics, encode_message
@@ -61,6 +61,7 @@ class MqttLink:
         instance: str,
         version: str,
         audio_qos: int = 1,
+        extra_subscriptions: tuple[str, ...] = (),
     ) -> None:
         self._config = config
         self._topics = topics
@@ -68,6 +69,8 @@ class MqttLink:
         self._instance = instance
         self._version = version
         self._audio_qos = audio_qos
+        self._extra_subscriptions = extra_subscriptions
+        """Further filters (QoS 1) whose messages go to ``on_message`` too, e.g. Home Assistant's status."""
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
         self.stats = LinkStats()
@@ -114,6 +117,8 @@ class MqttLink:
                     self._client = client
                     await client.subscribe(self._topics.audio_filter, qos=self._audio_qos)
                     await client.subscribe(self._topics.control_filter, qos=1)
+                    for extra in self._extra_subscriptions:
+                        await client.subscribe(extra, qos=1)
                     await client.publish(self._topics.status, self._status("online"), qos=1, retain=True)
                     self.stats.connects += 1
                     self.connected.set()

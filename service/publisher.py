@@ -13,6 +13,7 @@ import msgspec
 
 from firmware_protocol import (
     BridgeMessage,
+    Configured,
     Error,
     Listening,
     SpeechEnded,
@@ -24,9 +25,12 @@ from firmware_protocol import (
 )
 
 PublishFn = Callable[..., Awaitable[None]]
+Observer = Callable[[str, BridgeMessage], None]
+"""Told ``(device_id, message)`` of every bridge → device message before it is published; must not block."""
 
 _KIND: dict[type, TopicKind] = {
     Listening: TopicKind.SESSION,
+    Configured: TopicKind.SESSION,
     SpeechStarted: TopicKind.VAD,
     SpeechEnded: TopicKind.VAD,
     Transcript: TopicKind.TRANSCRIPT,
@@ -39,8 +43,12 @@ class DevicePublisher:
         self._topics = topics
         self._publish = publish
         self._max_bytes = max_bytes
+        self.observers: list[Observer] = []
+        """E.g. Home Assistant discovery: sees the whole message (before :func:`fit` cuts it)."""
 
     async def send(self, device_id: str, message: BridgeMessage) -> None:
+        for observer in self.observers:
+            observer(device_id, message)
         partial = isinstance(message, Transcript) and not message.final
         topic = self._topics.device(device_id, _KIND[type(message)])
         qos = 0 if partial else 1

@@ -13,11 +13,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 import structlog
 
 from firmware_protocol import (
     BridgeMessage,
+    Configured,
     Endpointing,
     EndReason,
     Error,
@@ -29,6 +31,7 @@ from firmware_protocol import (
 )
 from service.backends import BackendError, Recognition, RecognitionStream, SessionOptions, TranscriptionBackend
 from service.config import SessionConfig, VadConfig
+from service.metrics import SessionMetrics
 from service.publisher import DevicePublisher
 from service.vad import (
     WINDOW,
@@ -52,8 +55,8 @@ class SessionServices:
     vad: VadBatcher
     publisher: DevicePublisher
     session: SessionConfig
-    vad_config: VadConfig
     final_timeout_s: float = 30.0
+    metrics: SessionMetrics | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,21 +71,24 @@ class Session:
         session_id: int,
         services: SessionServices,
         *,
-        endpointing: Endpointing,
+        tuning: Configured,
         options: SessionOptions,
     ) -> None:
         self.device_id = device_id
         self.session_id = session_id
-        self.endpointing = endpointing
+        self.tuning = tuning
+        """Endpointing in force: the bridge's config, the device's overrides, the session's ``start``."""
         self.options = options
         self._services = services
         self._audio: asyncio.Queue[np.ndarray | _End] = asyncio.Queue()
         self._outbox: asyncio.Queue[BridgeMessage | None] = asyncio.Queue()
         self._cancelled = asyncio.Event()
         self._samples = 0
-        self._max_samples = int(services.session.max_utterance_s * 16000)
+        self._max_samples = int(tuning.max_utterance_s * 16000)
         self._stream: RecognitionStream | None = None
         self._started_ms: int | None = None
+        self._first_partial_from: float | None = None
+        """When speech started (monotonic) until the first partial is sent: time to first partial."""
         self._endpointer = self._make_endpointer()
         self._vad_stream = VadStream()
         self._vad_pending = np.zeros(0, dtype=np.int16)
@@ -92,16 +98,33 @@ class Session:
         self._ending = False
         self.log = structlog.get_logger(__name__).bind(device=device_id, session=session_id)
 
+    @property
+    def endpointing(self) -> Endpointing:
+        return self.tuning.endpointing
+
     def _make_endpointer(self) -> Endpointer | None:
-        if self.endpointing is not Endpointing.SERVER_VAD:
+        t = self.tuning
+        if t.endpointing is not Endpointing.SERVER_VAD:
             return None
-        return Endpointer(self._services.vad_config, self._services.session.no_speech_timeout_ms)
+        vad = VadConfig(
+            threshold=t.threshold,
+            neg_threshold=t.neg_threshold,
+            min_speech_duration_ms=t.min_speech_duration_ms,
+            max_silence_duration_ms=t.max_silence_duration_ms,
+            hangover_ms=t.hangover_ms,
+        )
+        return Endpointer(vad, t.no_speech_timeout_ms)
 
     # Called by the session manager (synchronously, from the MQTT dispatch) ------------------
 
     def push(self, pcm: bytes) -> None:
         if not self.ended:
             self._audio.put_nowait(np.frombuffer(pcm, dtype="<i2"))
+
+    @property
+    def queued(self) -> int:
+        """Audio chunks (and the end marker) not yet taken by the task: read by metrics."""
+        return self._audio.qsize()
 
     def end(self, reason: EndReason) -> None:
         """The device ended the turn (LAST frame), the stream went quiet, or the backend decided; first wins."""
@@ -116,7 +139,7 @@ class Session:
         recogniser is opened (batch engines read them at the end, so in practice until then).
         """
         if self._samples == 0:
-            self.endpointing = endpointing
+            self.tuning = msgspec.structs.replace(self.tuning, endpointing=endpointing)
             self._endpointer = self._make_endpointer()
         if self._stream is None:
             self.options = options
@@ -206,7 +229,7 @@ class Session:
             self._stream.feed(pcm)
             self._device_speaks(pcm)
         if end is None and too_long:
-            limit = self._services.session.max_utterance_s
+            limit = self.tuning.max_utterance_s
             self._emit(
                 Error(
                     code=ErrorCode.UTTERANCE_TOO_LONG,
@@ -222,6 +245,7 @@ class Session:
         """Push-to-talk: the device says speech starts with its first audio."""
         if self._started_ms is None and len(pcm):
             self._started_ms = 0
+            self._first_partial_from = time.monotonic()
             self._emit(SpeechStarted(session=self.session_id, offset_ms=0))
 
     async def _detect(self, pcm: np.ndarray) -> TurnEnd | None:
@@ -238,6 +262,7 @@ class Session:
             for event in self._endpointer.update(probability):
                 if isinstance(event, SpeechStart):
                     self._started_ms = event.offset_ms
+                    self._first_partial_from = time.monotonic()
                     self._emit(SpeechStarted(session=self.session_id, offset_ms=event.offset_ms))
                 elif isinstance(event, SpeechPause):
                     self._speculate()
@@ -265,6 +290,8 @@ class Session:
             except BackendError as exc:
                 self._emit(Error(code=exc.code, message=str(exc), retryable=exc.retryable, session=self.session_id))
                 return
+            if result is not None and self._services.metrics is not None:  # a backend's answer, not "nobody spoke"
+                self._services.metrics.final_latency.observe(time.monotonic() - ended_at)
         if result is None:
             return
         latency_ms = round((time.monotonic() - ended_at) * 1000)
@@ -343,6 +370,9 @@ class Session:
 
     def partial(self, text: str) -> None:
         if not self.ended and not self._cancelled.is_set():
+            if self._first_partial_from is not None and self._services.metrics is not None:
+                self._services.metrics.first_partial.observe(time.monotonic() - self._first_partial_from)
+                self._first_partial_from = None
             self._emit(
                 Transcript(
                     session=self.session_id,

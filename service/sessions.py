@@ -9,15 +9,19 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aiomqtt
+import msgspec
 import structlog
 
 from firmware_protocol import (
     AudioFrame,
     Cancel,
     Codec,
-    Endpointing,
+    Configure,
+    Configured,
+    EndpointingOverrides,
     EndReason,
     Error,
     ErrorCode,
@@ -29,9 +33,9 @@ from firmware_protocol import (
     is_valid_device_id,
 )
 from service.backends import SessionOptions
-from service.config import Config
+from service.config import Config, overrides_problem
 from service.session import Session, SessionServices
-from service.streams import Arrival, DeviceStream
+from service.streams import Arrival, DeviceStream, StreamStats
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +52,10 @@ class FleetStats:
     rejected: int = 0
     sessions_started: int = 0
     sessions_refused: int = 0
+    rejected_by_code: dict[str, int] = field(default_factory=dict)
+    """``rejected`` by error code (bounded: the protocol's codes), for metrics."""
+    retired_streams: StreamStats = field(default_factory=StreamStats)
+    """Reassembly counters of devices already forgotten, so fleet totals never go down."""
 
 
 @dataclass(slots=True)
@@ -61,6 +69,8 @@ class _Device:
     last_start: Start | None = None
     """The options of the running session, reused when the device restarts it with the same id."""
     last_error: dict[ErrorCode, float] = field(default_factory=dict)
+    overrides: EndpointingOverrides | None = None
+    """From the device's ``configure`` messages; over ``[devices.<id>]``, under a session's ``start``."""
 
 
 class SessionManager:
@@ -83,6 +93,24 @@ class SessionManager:
         device = self._devices.get(device_id)
         return device.stream.stats if device else None
 
+    # Read by metrics at scrape time -------------------------------------------------------------
+
+    @property
+    def devices(self) -> int:
+        return len(self._devices)
+
+    def stream_totals(self) -> StreamStats:
+        """Reassembly counters summed over every device, forgotten ones included."""
+        total = StreamStats()
+        total.add(self.stats.retired_streams)
+        for device in self._devices.values():
+            total.add(device.stream.stats)
+        return total
+
+    def audio_queued(self) -> int:
+        """Audio chunks waiting in the running sessions' queues."""
+        return sum(device.session.queued for device in self._devices.values() if device.session is not None)
+
     # Dispatch ----------------------------------------------------------------------------------
 
     def handle(self, message: aiomqtt.Message) -> None:
@@ -90,15 +118,15 @@ class SessionManager:
         parsed = self._topics.parse(message.topic.value)
         payload = message.payload
         if parsed is None or not isinstance(payload, bytes | bytearray):
-            self.stats.rejected += 1
+            self._reject("bad_topic")
             return
         device_id, kind = parsed
         if not is_valid_device_id(device_id):
-            self.stats.rejected += 1
+            self._reject("invalid_device_id")
             log.warning("device.invalid_id", topic=message.topic.value[:200])
             return
         if self._allow and device_id not in self._allow:
-            self.stats.rejected += 1
+            self._reject(ErrorCode.UNKNOWN_DEVICE)
             self._error(device_id, ErrorCode.UNKNOWN_DEVICE, "this device is not in the bridge's devices.allow list")
             return
         if kind is TopicKind.AUDIO:
@@ -117,17 +145,17 @@ class SessionManager:
     def _on_audio(self, device_id: str, payload: bytes) -> None:
         limit = self._config.session.max_frame_bytes
         if len(payload) > limit:
-            self.stats.rejected += 1
+            self._reject(ErrorCode.PAYLOAD_TOO_LARGE)
             self._error(device_id, ErrorCode.PAYLOAD_TOO_LARGE, f"audio frame of {len(payload)} bytes exceeds {limit}")
             return
         try:
             frame = AudioFrame.decode(payload)
         except ProtocolError as exc:
-            self.stats.rejected += 1
+            self._reject(exc.code)
             self._error(device_id, exc.code, str(exc))
             return
         if frame.codec != Codec.PCM_S16LE:
-            self.stats.rejected += 1
+            self._reject(ErrorCode.UNSUPPORTED_CODEC)
             self._error(
                 device_id,
                 ErrorCode.UNSUPPORTED_CODEC,
@@ -136,7 +164,7 @@ class SessionManager:
             )
             return
         if frame.sample_rate != 16000 or frame.channels != 1:
-            self.stats.rejected += 1
+            self._reject(ErrorCode.UNSUPPORTED_FORMAT)
             self._error(
                 device_id,
                 ErrorCode.UNSUPPORTED_FORMAT,
@@ -161,16 +189,19 @@ class SessionManager:
 
     def _on_control(self, device_id: str, payload: bytes) -> None:
         if len(payload) > MAX_CONTROL_BYTES:
+            self._reject(ErrorCode.PAYLOAD_TOO_LARGE)
             self._error(device_id, ErrorCode.PAYLOAD_TOO_LARGE, f"control message over {MAX_CONTROL_BYTES} bytes")
             return
         try:
             message = decode_device_message(payload)
         except ProtocolError as exc:
-            self.stats.rejected += 1
+            self._reject(ErrorCode.BAD_CONTROL)
             self._error(device_id, ErrorCode.BAD_CONTROL, str(exc))
             return
         device = self._device(device_id)
-        if isinstance(message, Cancel):
+        if isinstance(message, Configure):
+            self._configure(device_id, device, message)
+        elif isinstance(message, Cancel):
             if device.session is not None and device.session.session_id == message.session:
                 device.session.cancel()
             device.stream.close(message.session)
@@ -180,7 +211,8 @@ class SessionManager:
             if device.session is not None and device.session.session_id == message.session:
                 # Audio overtook its start (they travel on different topics): apply what still can be.
                 device.last_start = message
-                device.session.configure(self._endpointing(message), self._options(device_id, message))
+                endpointing = self._tuning(device_id, device, message).endpointing
+                device.session.configure(endpointing, self._options(device_id, message))
                 return
             # Keep the options for the audio to come; a device has one session running at a time.
             device.options = {message.session: message}
@@ -211,7 +243,7 @@ class SessionManager:
             device_id,
             session_id,
             self._services,
-            endpointing=self._endpointing(start),
+            tuning=self._tuning(device_id, device, start),
             options=self._options(device_id, start),
         )
         if device.session is None:
@@ -224,8 +256,40 @@ class SessionManager:
         task.add_done_callback(lambda t: self._finished(device, session, t))
         return True
 
-    def _endpointing(self, start: Start | None) -> Endpointing:
-        return start.endpointing if start and start.endpointing else self._config.session.endpointing
+    def _configure(self, device_id: str, device: _Device, message: Configure) -> None:
+        """Runtime tuning for the device's next sessions; validated as a whole, answered with ``configured``."""
+        base = EndpointingOverrides() if message.reset or device.overrides is None else device.overrides
+        changes = {f: v for f in EndpointingOverrides.__struct_fields__ if (v := getattr(message, f)) is not None}
+        overrides = msgspec.structs.replace(base, **changes)
+        layered = _layer(self._config.devices.tuning.get(device_id), overrides)
+        if problem := overrides_problem(self._config, layered):
+            self._error(device_id, ErrorCode.BAD_CONTROL, f"$.{problem[0]}: {problem[1]}")
+            return
+        device.overrides = overrides
+        effective = self._tuning(device_id, device, None)
+        task = asyncio.create_task(self._services.publisher.send(device_id, effective))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _tuning(self, device_id: str, device: _Device, start: Start | None) -> Configured:
+        """Config, then ``[devices.<id>]``, then the device's ``configure``, then the session's ``start``."""
+        config, vad = self._config, self._config.asr.vad
+        layered = _layer(config.devices.tuning.get(device_id), device.overrides)
+        threshold = _pick(layered.threshold, vad.threshold)
+        negative = layered.neg_threshold
+        if negative is None:
+            negative = vad.neg_threshold if layered.threshold is None and vad.neg_threshold is not None else None
+        return Configured(
+            endpointing=(start.endpointing if start and start.endpointing else None)
+            or _pick(layered.endpointing, config.session.endpointing),
+            threshold=threshold,
+            neg_threshold=negative if negative is not None else max(min(threshold, 0.95) - 0.15, 0.05),
+            min_speech_duration_ms=_pick(layered.min_speech_duration_ms, vad.min_speech_duration_ms),
+            max_silence_duration_ms=_pick(layered.max_silence_duration_ms, vad.max_silence_duration_ms),
+            hangover_ms=_pick(layered.hangover_ms, vad.hangover_ms),
+            no_speech_timeout_ms=_pick(layered.no_speech_timeout_ms, config.session.no_speech_timeout_ms),
+            max_utterance_s=_pick(layered.max_utterance_s, config.session.max_utterance_s),
+        )
 
     def _options(self, device_id: str, start: Start | None) -> SessionOptions:
         """The device's per-session options over the configured ``asr.lang`` / ``asr.prompt``."""
@@ -245,6 +309,11 @@ class SessionManager:
             device.session = None
             self._active -= 1
         session.log.debug("session.closed", **_asdict(device.stream.stats))
+
+    def _reject(self, code: ErrorCode | str) -> None:
+        self.stats.rejected += 1
+        key = str(code)
+        self.stats.rejected_by_code[key] = self.stats.rejected_by_code.get(key, 0) + 1
 
     def _error(
         self, device_id: str, code: ErrorCode, message: str, session: int | None = None, *, retryable: bool = False
@@ -278,6 +347,7 @@ class SessionManager:
                 if session is not None and now - device.last_frame > self._config.session.idle_timeout_s:
                     session.end(EndReason.TIMEOUT)  # device gone, or its LAST frame lost
                 if session is None and now - device.last_seen > 600:
+                    self.stats.retired_streams.add(device.stream.stats)
                     del self._devices[device_id]
 
     async def drain(self, timeout: float) -> None:
@@ -288,6 +358,23 @@ class SessionManager:
             await asyncio.wait(pending, timeout=timeout)
         for task in self._tasks:
             task.cancel()
+
+
+T = TypeVar("T")
+
+
+def _pick(value: T | None, default: T) -> T:
+    return default if value is None else value
+
+
+def _layer(*layers: EndpointingOverrides | None) -> EndpointingOverrides:
+    """Later layers win field by field; ``None`` fields and layers are transparent."""
+    merged = EndpointingOverrides()
+    for layer in layers:
+        if layer is not None:
+            changes = {f: v for f in EndpointingOverrides.__struct_fields__ if (v := getattr(layer, f)) is not None}
+            merged = msgspec.structs.replace(merged, **changes)
+    return merged
 
 
 def _asdict(stats: object) -> dict[str, int]:

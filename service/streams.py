@@ -25,6 +25,15 @@ class StreamStats:
     late: int = 0
     stale: int = 0
 
+    def add(self, other: StreamStats) -> None:
+        """Count ``other``'s frames into these (fleet-wide totals for metrics)."""
+        self.frames += other.frames
+        self.duplicates += other.duplicates
+        self.reordered += other.reordered
+        self.lost += other.lost
+        self.late += other.late
+        self.stale += other.stale
+
 
 class Arrival(enum.Enum):
     CONTINUES = "continues"

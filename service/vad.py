@@ -63,6 +63,11 @@ class VadBatcher:
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
 
+    @property
+    def pending(self) -> int:
+        """Windows waiting for the next batched run: read by metrics."""
+        return len(self._pending)
+
     async def score(self, stream: VadStream, window: np.ndarray) -> float:
         """Speech probability of one 512-sample float32 window of ``stream``."""
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()

@@ -87,6 +87,8 @@ class BridgeProcess:
                 """
             )
             + textwrap.dedent(extra_toml)
+            # Metrics on a free port: bridges run side by side (tests/test_metrics.py reads it from the log).
+            + ("" if "[metrics]" in extra_toml else '\n[metrics]\nlisten = "127.0.0.1:0"\n')
         )
         self.process: subprocess.Popen[bytes] | None = None
 

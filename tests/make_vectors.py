@@ -29,6 +29,8 @@ from firmware_protocol import (
     BridgeStatus,
     Cancel,
     Codec,
+    Configure,
+    Configured,
     Endpointing,
     EndReason,
     Error,
@@ -287,6 +289,17 @@ def message_vectors() -> dict[str, tuple[bytes, dict[str, Any]]]:
             Start(session=s, language="zh", prompt="Hello\n你好", endpointing=Endpointing.SERVER_VAD),
         ),
         "device_cancel": device("cancel: drop the session, no transcript follows", Cancel(session=s)),
+        "device_configure": device(
+            "configure: this device's endpointing for its next sessions (unset fields keep their values)",
+            Configure(hangover_ms=300, max_silence_duration_ms=160, threshold=0.6),
+        ),
+        "device_configure_reset": device(
+            "configure with reset: back to the bridge's config, then push-to-talk",
+            Configure(reset=True, endpointing=Endpointing.PUSH_TO_TALK),
+        ),
+        "device_invalid_configure_range": raw_device(
+            "configure with a negative hangover", b'{"type":"configure","hangover_ms":-5}'
+        ),
         "device_start_firmware_style": raw_device(
             "start as a firmware might write it: other key order, spaces, an unknown field (ignored)",
             b'{ "session": 2654435769, "fw": "1.4.2", "type": "start", "endpointing": "push_to_talk" }',
@@ -353,6 +366,19 @@ def message_vectors() -> dict[str, tuple[bytes, dict[str, Any]]]:
                 end_ms=3008,
                 latency_ms=0,
                 reason=EndReason.NO_SPEECH,
+            ),
+        ),
+        "bridge_configured": bridge(
+            "configured: every endpointing value now in force for the device's next sessions",
+            Configured(
+                endpointing=Endpointing.SERVER_VAD,
+                threshold=0.6,
+                neg_threshold=0.45,
+                min_speech_duration_ms=400,
+                max_silence_duration_ms=160,
+                hangover_ms=300,
+                no_speech_timeout_ms=3000,
+                max_utterance_s=30.0,
             ),
         ),
         "bridge_status_online": bridge(

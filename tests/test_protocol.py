@@ -11,6 +11,7 @@ import importlib.util
 import json
 import re
 import struct
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,13 @@ from firmware_protocol import (
     MAGIC,
     PROTOCOL_VERSION,
     AudioFrame,
+    BridgeMessage,
     BridgeStatus,
     Cancel,
     Codec,
+    Configure,
+    Configured,
+    DeviceMessage,
     Endpointing,
     EndReason,
     Error,
@@ -85,8 +90,11 @@ def test_vector_directory_is_populated_and_paired() -> None:
         assert path.with_suffix(DATA_SUFFIX[meta["kind"]]).is_file(), path.name
         if meta["valid"] and meta["kind"] != "audio_frame":
             kinds.setdefault(meta["kind"], set()).add(meta["decoded"]["type"])
-    assert kinds["device_message"] == {"start", "cancel"}
-    assert kinds["bridge_message"] == {"listening", "speech_started", "speech_ended", "transcript", "error", "status"}
+    def tags(union: Any) -> set[str]:
+        return {member.__struct_config__.tag for member in typing.get_args(union)}
+
+    assert kinds["device_message"] == tags(DeviceMessage)  # every message type has a vector
+    assert kinds["bridge_message"] == tags(BridgeMessage)
     for code in ErrorCode:
         assert (VECTORS / f"bridge_error_{code.value}.msg").is_file(), code
     for reason in EndReason:
@@ -275,6 +283,18 @@ device_messages = st.one_of(
         endpointing=st.none() | st.sampled_from(Endpointing),
     ),
     st.builds(Cancel, session=session_ids),
+    st.builds(
+        Configure,
+        reset=st.booleans(),
+        endpointing=st.none() | st.sampled_from(Endpointing),
+        threshold=st.none() | st.floats(0, 1),
+        neg_threshold=st.none() | st.floats(0, 1),
+        min_speech_duration_ms=st.none() | st.integers(0, 60_000),
+        max_silence_duration_ms=st.none() | st.integers(0, 60_000),
+        hangover_ms=st.none() | st.integers(0, 60_000),
+        no_speech_timeout_ms=st.none() | st.integers(1, 60_000),
+        max_utterance_s=st.none() | st.floats(0.001, 3600),
+    ),
 )
 bridge_messages = st.one_of(
     st.builds(
@@ -303,6 +323,17 @@ bridge_messages = st.one_of(
         session=st.none() | session_ids,
     ),
     st.builds(
+        Configured,
+        endpointing=st.sampled_from(Endpointing),
+        threshold=st.floats(0, 1),
+        neg_threshold=st.floats(0, 1),
+        min_speech_duration_ms=millis,
+        max_silence_duration_ms=millis,
+        hangover_ms=millis,
+        no_speech_timeout_ms=millis,
+        max_utterance_s=st.floats(0.001, 3600),
+    ),
+    st.builds(
         BridgeStatus,
         state=st.sampled_from(["online", "offline"]),
         version=text,
@@ -313,7 +344,7 @@ bridge_messages = st.one_of(
 
 
 @given(device_messages)
-def test_device_message_round_trip(message: Start | Cancel) -> None:
+def test_device_message_round_trip(message: Start | Cancel | Configure) -> None:
     data = encode_message(message)
     assert decode_device_message(data) == message
     with pytest.raises(ProtocolError):
@@ -339,7 +370,7 @@ json_values = st.recursive(
 def test_unknown_fields_are_ignored(message: Any, name: str, value: Any) -> None:
     data = encode_message(message)
     extended = data[:-1] + b"," + msgspec.json.encode(name) + b":" + msgspec.json.encode(value) + b"}"
-    decode = decode_device_message if isinstance(message, Start | Cancel) else decode_bridge_message
+    decode = decode_device_message if isinstance(message, Start | Cancel | Configure) else decode_bridge_message
     assert decode(extended) == message
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import numpy as np
 
-from firmware_protocol import Endpointing, EndReason, SpeechEnded, Topics, Transcript, decode_bridge_message
+from firmware_protocol import Configured, Endpointing, EndReason, SpeechEnded, Topics, Transcript, decode_bridge_message
 from service.backends import Recognition, SessionOptions
 from service.backends.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
 from service.config import SessionConfig, VadConfig
@@ -49,9 +49,19 @@ async def _run_session(backend: TranscriptionBackend, audio: np.ndarray) -> list
         vad=batcher,
         publisher=DevicePublisher(Topics(), publish, 1024),
         session=SessionConfig(),
-        vad_config=VadConfig(),
     )
-    session = Session("dev", 1, services, endpointing=Endpointing.SERVER_VAD, options=SessionOptions())
+    vad, limits = VadConfig(), SessionConfig()
+    tuning = Configured(
+        endpointing=Endpointing.SERVER_VAD,
+        threshold=vad.threshold,
+        neg_threshold=vad.effective_neg_threshold,
+        min_speech_duration_ms=vad.min_speech_duration_ms,
+        max_silence_duration_ms=vad.max_silence_duration_ms,
+        hangover_ms=vad.hangover_ms,
+        no_speech_timeout_ms=limits.no_speech_timeout_ms,
+        max_utterance_s=limits.max_utterance_s,
+    )
+    session = Session("dev", 1, services, tuning=tuning, options=SessionOptions())
     for i in range(0, len(audio), 320):
         session.push(audio[i : i + 320].tobytes())
     await asyncio.wait_for(session.run(), 30)

@@ -1,0 +1,291 @@
+"""Prometheus metrics: every metric the bridge exports is defined here and nowhere else.
+
+Each :class:`Bridge` owns a :class:`BridgeMetrics` with a private registry, so several bridges
+(tests) can run in one process. Two kinds of metric:
+
+* **Read at scrape time** (:class:`_BridgeCollector`): counters the components already keep as
+  plain ints (``FleetStats``, per-device ``StreamStats``, ``LinkStats``, ``FailoverBackend``) and
+  gauges of state (active sessions, queue depths, broker connection). The audio path pays
+  nothing for them: no metric object is touched per frame.
+* **Observed where they happen**: histograms of latencies, once per utterance or backend
+  request (never per frame), and the event-loop lag sampled by :meth:`BridgeMetrics.monitor_loop_lag`.
+
+No label ever holds a device or session id: labels are backend names and error codes, both
+bounded by the configuration and the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from firmware_protocol import ErrorCode
+from service.backends.base import (
+    BackendError,
+    Recognition,
+    RecognitionStream,
+    SessionOptions,
+    StreamListener,
+    TranscriptionBackend,
+)
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from service.mqtt import MqttLink
+    from service.sessions import SessionManager
+    from service.vad import VadBatcher
+
+PREFIX = "echokit_bridge"
+
+FINAL_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.175, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
+"""End of speech → final: 5 ms (an in-process engine) to 10 s (a cloud engine retrying)."""
+PARTIAL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+BACKEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LOOP_LAG_INTERVAL_S = 0.1
+
+REJECTION_CODES = (
+    "bad_topic",
+    "invalid_device_id",
+    ErrorCode.UNKNOWN_DEVICE.value,
+    ErrorCode.PAYLOAD_TOO_LARGE.value,
+    ErrorCode.MALFORMED_FRAME.value,
+    ErrorCode.UNSUPPORTED_VERSION.value,
+    ErrorCode.UNSUPPORTED_CODEC.value,
+    ErrorCode.UNSUPPORTED_FORMAT.value,
+    ErrorCode.BAD_CONTROL.value,
+)
+"""Reasons a device message is refused; exported at 0 from the start so ``rate()`` sees the first one."""
+
+FRAME_COUNTERS = (
+    ("frames", "frames_received", "Audio frames taken into a session's reassembly."),
+    ("lost", "frames_lost", "Audio frames never received; replaced by silence of the same length."),
+    ("duplicates", "frames_duplicated", "Audio frames received twice (or beyond the announced LAST); dropped."),
+    ("reordered", "frames_reordered", "Audio frames that arrived ahead of a missing one and were reordered."),
+    ("late", "frames_late", "Audio frames that arrived after being declared lost; dropped."),
+    ("stale", "frames_stale", "Audio frames of an already closed session; dropped."),
+)
+"""``StreamStats`` field → metric name (``echokit_bridge_<name>_total``) and help."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMetrics:
+    """What a :class:`~service.session.Session` observes, at most twice per utterance."""
+
+    final_latency: Histogram
+    first_partial: Histogram
+
+
+class BridgeMetrics:
+    def __init__(self, *, version: str) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide: no ``*_created`` series
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.final_latency = Histogram(
+            f"{PREFIX}_final_latency_seconds",
+            "End of the turn (VAD silence, the device's LAST frame, ...) to the final transcript sent.",
+            buckets=FINAL_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.first_partial = Histogram(
+            f"{PREFIX}_time_to_first_partial_seconds",
+            "Speech start (VAD, or the first audio with push-to-talk) to the utterance's first partial transcript.",
+            buckets=PARTIAL_BUCKETS,
+            registry=registry,
+        )
+        self.backend_latency = Histogram(
+            f"{PREFIX}_backend_request_duration_seconds",
+            "Speech backend requests (a final or a speculation), from request to answer or error.",
+            ["backend"],
+            buckets=BACKEND_BUCKETS,
+            registry=registry,
+        )
+        self.backend_errors = Counter(
+            f"{PREFIX}_backend_errors_total",
+            "Failed speech backend requests, by backend and the error code a device would get.",
+            ["backend", "code"],
+            registry=registry,
+        )
+        self.loop_lag = Histogram(
+            f"{PREFIX}_event_loop_lag_seconds",
+            f"How late the event loop wakes a timer, sampled every {LOOP_LAG_INTERVAL_S * 1000:g} ms.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=registry,
+        )
+        Gauge(f"{PREFIX}_build_info", "Always 1; the bridge's version.", ["version"], registry=registry).labels(
+            version
+        ).set(1)
+        ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        GCCollector(registry=registry)  # python_gc_*: collector pauses were a measured cost (bench/)
+        self.session = SessionMetrics(self.final_latency, self.first_partial)
+        self._backend_labels: set[str] = set()
+
+    def instrument(self, backend: TranscriptionBackend) -> TranscriptionBackend:
+        """``backend`` with its requests timed and its errors counted, under a label of its own."""
+        label, n = backend.name, 1
+        while label in self._backend_labels:  # e.g. two ``openai`` backends (Groq, then OpenAI)
+            n += 1
+            label = f"{backend.name}#{n}"
+        self._backend_labels.add(label)
+        return InstrumentedBackend(backend, self, label)
+
+    def watch(
+        self,
+        *,
+        sessions: SessionManager,
+        link: MqttLink,
+        vad: VadBatcher,
+        failovers: Callable[[], int],
+    ) -> None:
+        """Export what these components count themselves, read at scrape time."""
+        self.registry.register(_BridgeCollector(sessions, link, vad, failovers))
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of everything in the registry."""
+        return generate_latest(self.registry)
+
+    async def monitor_loop_lag(self, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+        """Sleep ``interval_s`` over and over; how late each wake-up comes is the loop's lag."""
+        loop = asyncio.get_running_loop()
+        observe = self.loop_lag.observe
+        while True:
+            due = loop.time() + interval_s
+            await asyncio.sleep(interval_s)
+            observe(max(0.0, loop.time() - due))
+
+
+class _BridgeCollector(Collector):
+    """Reads the components' own counters when Prometheus scrapes; costs nothing in between."""
+
+    def __init__(self, sessions: SessionManager, link: MqttLink, vad: VadBatcher, failovers: Callable[[], int]) -> None:
+        self._sessions = sessions
+        self._link = link
+        self._vad = vad
+        self._failovers = failovers
+
+    def collect(self) -> Iterator[Metric]:
+        sessions, fleet, link = self._sessions, self._sessions.stats, self._link.stats
+        yield GaugeMetricFamily(f"{PREFIX}_sessions_active", "Utterances in progress.", sessions.active_sessions)
+        yield CounterMetricFamily(f"{PREFIX}_sessions_started_total", "Sessions started.", fleet.sessions_started)
+        yield CounterMetricFamily(
+            f"{PREFIX}_sessions_refused_total",
+            "Sessions refused (max_sessions reached, or shutting down).",
+            fleet.sessions_refused,
+        )
+        yield GaugeMetricFamily(f"{PREFIX}_devices", "Devices the bridge currently keeps state for.", sessions.devices)
+        yield CounterMetricFamily(f"{PREFIX}_messages_received_total", "MQTT messages from devices.", fleet.messages)
+        rejected = CounterMetricFamily(
+            f"{PREFIX}_messages_rejected_total", "Device messages refused, by error code.", labels=["code"]
+        )
+        by_code = fleet.rejected_by_code
+        for code in (*REJECTION_CODES, *sorted(by_code.keys() - set(REJECTION_CODES))):
+            rejected.add_metric([code], by_code.get(code, 0))
+        yield rejected
+        totals = sessions.stream_totals()
+        for field, name, documentation in FRAME_COUNTERS:
+            yield CounterMetricFamily(f"{PREFIX}_{name}_total", documentation, getattr(totals, field))
+        yield GaugeMetricFamily(
+            f"{PREFIX}_audio_queue_frames",
+            "Audio chunks (about one per frame) waiting in session queues, all sessions together.",
+            sessions.audio_queued(),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_vad_pending_windows", "VAD windows waiting for the next batched Silero run.", self._vad.pending
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_mqtt_connected", "1 while connected to the broker.", int(self._link.connected.is_set())
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_mqtt_reconnects_total", "Connections to the broker after the first.", max(0, link.connects - 1)
+        )
+        yield CounterMetricFamily(f"{PREFIX}_mqtt_published_total", "Messages published.", link.published)
+        yield CounterMetricFamily(
+            f"{PREFIX}_mqtt_publish_dropped_total",
+            "Messages not published: disconnected, or the publish failed.",
+            link.publish_dropped,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_backend_failovers_total", "Utterances handed to the next [[asr.fallback]].", self._failovers()
+        )
+
+
+# Backend requests ---------------------------------------------------------------------------------
+
+
+class InstrumentedBackend(TranscriptionBackend):
+    """Times each request of one backend; the audio still flows straight into its stream."""
+
+    def __init__(self, inner: TranscriptionBackend, metrics: BridgeMetrics, label: str) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._latency = metrics.backend_latency.labels(label)  # bound once: no label lookup per request
+        self._errors = metrics.backend_errors
+        self._label = label
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def open(self, options: SessionOptions, listener: StreamListener) -> RecognitionStream:
+        return _InstrumentedStream(self.inner.open(options, listener), self)
+
+    def observe(self, started: float, error: BaseException | None) -> None:
+        self._latency.observe(time.perf_counter() - started)
+        if error is not None:
+            code = error.code.value if isinstance(error, BackendError) else ErrorCode.INTERNAL.value
+            self._errors.labels(self._label, code).inc()
+
+
+class _InstrumentedStream(RecognitionStream):
+    def __init__(self, inner: RecognitionStream, owner: InstrumentedBackend) -> None:
+        self._inner = inner
+        self._owner = owner
+        # The hot path: the inner stream's own bound method, so feeding costs no extra call.
+        self.feed = inner.feed  # type: ignore[method-assign]
+
+    def feed(self, pcm: np.ndarray) -> None:  # shadowed per instance in __init__
+        self._inner.feed(pcm)
+
+    async def finish(self) -> Recognition:
+        started = time.perf_counter()
+        try:
+            result = await self._inner.finish()
+        except Exception as exc:  # cancellation is not a request outcome: not observed
+            self._owner.observe(started, exc)
+            raise
+        self._owner.observe(started, None)
+        return result
+
+    async def cancel(self) -> None:
+        await self._inner.cancel()
+
+    def speculate(self) -> asyncio.Task[Recognition] | None:
+        task = self._inner.speculate()
+        if task is not None:
+            started = time.perf_counter()
+            task.add_done_callback(lambda done: self._speculated(started, done))
+        return task
+
+    def _speculated(self, started: float, task: asyncio.Task[Recognition]) -> None:
+        if not task.cancelled():  # a speculation dropped because speech resumed is no outcome either
+            self._owner.observe(started, task.exception())

@@ -1,0 +1,191 @@
+"""``/metrics``, ``/healthz`` and ``/readyz`` of a real bridge process on a real Mosquitto.
+
+The bridge listens on port 0 and logs the port it got (``metrics.listening``). Counters are
+compared before and after what a device does; no timing is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from firmware_protocol import Error, Transcript
+from service.devbroker import PrivateMosquitto
+from service.device_sim import frames_of, send_utterance
+from tests.conftest import BridgeProcess, Broker
+from tests.device import RawDevice
+
+POCKETSPHINX = """
+[asr]
+platform = "pocketsphinx"
+decoders = 1
+[metrics]
+enabled = true
+listen = "127.0.0.1:0"
+"""
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def metrics_port(bridge: BridgeProcess, timeout: float = 10) -> int:
+    """The port from the bridge's ``metrics.listening`` log event (the whole log, not its tail)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path(bridge.log_path).read_text(errors="replace").splitlines():
+            if '"metrics.listening"' in line:
+                return int(json.loads(line)["port"])
+        time.sleep(0.1)
+    raise AssertionError(f"no metrics.listening event in the bridge's log:\n{bridge.log()}")
+
+
+async def get(port: int, path: str) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=10) as client:
+        return await client.get(f"http://127.0.0.1:{port}{path}")
+
+
+async def scrape(port: int) -> Samples:
+    response = await get(port, "/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_an_utterance_and_a_bad_frame_move_the_counters(make_bridge: object, speech: dict) -> None:
+    bridge: BridgeProcess = make_bridge(POCKETSPHINX)  # type: ignore[operator]
+    port = metrics_port(bridge)
+    before = await scrape(port)
+    assert value(before, "echokit_bridge_sessions_started_total") == 0
+    assert value(before, "echokit_bridge_mqtt_connected") == 1
+    assert value(before, "echokit_bridge_build_info", version="0.1.0") == 1
+
+    audio: np.ndarray = speech["what_time"]
+    received = await send_utterance(
+        bridge.broker.url, "metrics01", audio, prefix=bridge.prefix, speed=0, push_to_talk=True, timeout_s=40
+    )
+    final = received[-1].message
+    assert isinstance(final, Transcript) and final.final
+    frames_sent = len(frames_of(audio, 1, last=True))
+
+    after = await scrape(port)
+    assert value(after, "echokit_bridge_sessions_started_total") == 1
+    assert value(after, "echokit_bridge_sessions_refused_total") == 0
+    assert value(after, "echokit_bridge_frames_received_total") == frames_sent
+    for name in ("lost", "duplicated", "late", "stale"):
+        assert value(after, f"echokit_bridge_frames_{name}_total") == 0, name
+    assert value(after, "echokit_bridge_messages_received_total") == frames_sent + 1  # and the `start`
+    assert value(after, "echokit_bridge_final_latency_seconds_count") == 1
+    assert value(after, "echokit_bridge_final_latency_seconds_bucket", le="+Inf") == 1
+    assert value(after, "echokit_bridge_backend_request_duration_seconds_count", backend="pocketsphinx") >= 1
+    assert value(after, "echokit_bridge_backend_errors_total", backend="pocketsphinx", code="backend_error") == 0
+    assert value(after, "echokit_bridge_mqtt_published_total") >= len(received)
+    assert value(after, "echokit_bridge_mqtt_publish_dropped_total") == 0
+    assert value(after, "echokit_bridge_event_loop_lag_seconds_count") > 0
+    assert value(after, "process_cpu_seconds_total") > 0
+
+    # The session ends just after its final is sent; then nothing is active or queued.
+    deadline = time.monotonic() + 10
+    while value(after, "echokit_bridge_sessions_active") and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        after = await scrape(port)
+    assert value(after, "echokit_bridge_sessions_active") == 0
+    assert value(after, "echokit_bridge_audio_queue_frames") == 0
+
+    async with RawDevice(bridge.broker.host, bridge.broker.port, bridge.prefix, "metrics02") as device:
+        await device.send(b"\x01\x02\x03")
+        error = await device.wait_for(lambda m: isinstance(m, Error))
+    assert isinstance(error, Error)
+    rejected = await scrape(port)
+    code = error.code.value
+    assert value(rejected, "echokit_bridge_messages_rejected_total", code=code) == (
+        value(after, "echokit_bridge_messages_rejected_total", code=code) + 1
+    )
+    assert sum(v for (name, _), v in rejected.items() if name == "echokit_bridge_messages_rejected_total") == 1
+    no_device_label = [key for key in rejected if any(label in ("device", "session") for label, _ in key[1])]
+    assert not no_device_label
+
+
+async def test_health_endpoints_and_unknown_paths(make_bridge: object) -> None:
+    bridge: BridgeProcess = make_bridge(POCKETSPHINX)  # type: ignore[operator]
+    port = metrics_port(bridge)
+    health = await get(port, "/healthz")
+    assert (health.status_code, health.text) == (200, "ok\n")
+    ready = await get(port, "/readyz")
+    assert (ready.status_code, ready.text) == (200, "ready\n")
+    assert (await get(port, "/readyz?verbose=1")).status_code == 200
+    for path in ("/", "/metrics/", "/favicon.ico", "/../etc/passwd"):
+        assert (await get(port, path)).status_code == 404, path
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.post(f"http://127.0.0.1:{port}/metrics", content=b"x")).status_code == 405
+        head = await client.head(f"http://127.0.0.1:{port}/healthz")
+        assert head.status_code == 200 and head.content == b""
+
+
+async def test_a_request_head_too_large_or_too_slow_is_refused(make_bridge: object) -> None:
+    bridge: BridgeProcess = make_bridge(POCKETSPHINX)  # type: ignore[operator]
+    port = metrics_port(bridge)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nX-Padding: " + b"a" * 20000 + b"\r\n\r\n")
+    await writer.drain()
+    async with asyncio.timeout(10):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    # A client that never finishes its request is answered and dropped (after the read timeout).
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\n")
+    await writer.drain()
+    async with asyncio.timeout(20):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert (await get(port, "/healthz")).status_code == 200
+
+
+async def test_readyz_fails_when_the_broker_is_gone(tmp_path: Path) -> None:
+    with PrivateMosquitto() as private:
+        bridge = BridgeProcess(Broker(private.host, private.port), tmp_path, POCKETSPHINX).start()
+        try:
+            port = metrics_port(bridge)
+            assert (await get(port, "/readyz")).status_code == 200
+            private.stop()
+            deadline = time.monotonic() + 30
+            while (ready := await get(port, "/readyz")).status_code == 200:
+                assert time.monotonic() < deadline, "/readyz still 200 after the broker stopped"
+                await asyncio.sleep(0.2)
+            assert ready.status_code == 503
+            assert "broker" in ready.text
+            assert (await get(port, "/healthz")).status_code == 200  # alive, just not ready
+            samples = await scrape(port)
+            assert value(samples, "echokit_bridge_mqtt_connected") == 0
+        finally:
+            bridge.stop()
+
+
+def test_metrics_can_be_disabled(make_bridge: object) -> None:
+    bridge: BridgeProcess = make_bridge(POCKETSPHINX.replace("enabled = true", "enabled = false"))  # type: ignore[operator]
+    assert "metrics.listening" not in Path(bridge.log_path).read_text(errors="replace")
+
+
+@pytest.mark.parametrize("listen", ["9464", "localhost", "127.0.0.1:65536", ":9464", "127.0.0.1:http"])
+def test_a_bad_listen_address_is_a_config_error(listen: str) -> None:
+    from service.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f'[metrics]\nlisten = "{listen}"\n')
+    assert [p.field for p in caught.value.problems] == ["metrics.listen"]
+    assert "host:port" in str(caught.value)

@@ -1,0 +1,76 @@
+"""Per-device endpointing: [devices.<id>] in config and `configure` on the control topic."""
+
+from __future__ import annotations
+
+import asyncio
+
+from firmware_protocol import (
+    Configure,
+    Configured,
+    Endpointing,
+    EndReason,
+    Error,
+    ErrorCode,
+    Listening,
+    SpeechEnded,
+    Start,
+    Transcript,
+)
+from service.device_sim import frames_of
+from tests.conftest import BridgeProcess
+from tests.device import RawDevice
+
+
+async def test_config_and_runtime_overrides_reach_the_next_session(make_bridge: object, speech: dict) -> None:
+    bridge: BridgeProcess = make_bridge(  # type: ignore[operator]
+        """
+        [devices.button]
+        endpointing = "push_to_talk"
+        [devices.quick]
+        hangover_ms = 250
+        """
+    )
+    broker = bridge.broker
+    async with RawDevice(broker.host, broker.port, bridge.prefix, "button") as button:
+        await button.send(frames_of(speech["what_time"], session_id=5)[0])
+        listening = await button.wait_for(lambda m: isinstance(m, Listening))
+        assert isinstance(listening, Listening) and listening.endpointing is Endpointing.PUSH_TO_TALK
+
+    async with RawDevice(broker.host, broker.port, bridge.prefix, "quick") as quick:
+        await quick.control(Configure(no_speech_timeout_ms=600, threshold=0.6))
+        configured = await quick.wait_for(lambda m: isinstance(m, Configured))
+        assert isinstance(configured, Configured)
+        assert (configured.hangover_ms, configured.no_speech_timeout_ms) == (250, 600)  # config + runtime
+        assert configured.threshold == 0.6 and abs(configured.neg_threshold - 0.45) < 1e-9
+        assert configured.endpointing is Endpointing.SERVER_VAD
+        # Noise only: with a 600 ms no-speech timeout the turn ends long before the default 3 s.
+        await quick.stream(frames_of(speech["noise"], session_id=9), frame_s=0.002)
+        ended = await quick.wait_for(lambda m: isinstance(m, SpeechEnded))
+        assert isinstance(ended, SpeechEnded) and ended.reason is EndReason.NO_SPEECH and ended.offset_ms < 1000
+        final = await quick.wait_for(lambda m: isinstance(m, Transcript) and m.final)
+        assert isinstance(final, Transcript) and final.reason is EndReason.NO_SPEECH
+
+        # reset drops the runtime values; the [devices.quick] table stays.
+        await quick.control(Configure(reset=True, endpointing=Endpointing.PUSH_TO_TALK))
+        again = await quick.wait_for(lambda m: isinstance(m, Configured) and m is not configured)
+        assert isinstance(again, Configured) and again.no_speech_timeout_ms == 3000 and again.hangover_ms == 250
+        await quick.control(Start(session=10))
+        listening = await quick.wait_for(lambda m: isinstance(m, Listening) and m.session == 10)
+        assert isinstance(listening, Listening) and listening.endpointing is Endpointing.PUSH_TO_TALK
+
+
+async def test_invalid_tuning_is_refused_with_the_field_named(bridge: BridgeProcess) -> None:
+    broker = bridge.broker
+    async with RawDevice(broker.host, broker.port, bridge.prefix, "tuner") as device:
+        await device.control(Configure(threshold=0.3, neg_threshold=0.4))
+        error = await device.wait_for(lambda m: isinstance(m, Error))
+        assert isinstance(error, Error) and error.code is ErrorCode.BAD_CONTROL and "$.neg_threshold" in error.message
+        await asyncio.sleep(1.1)  # errors are limited to one per second per device and code
+        await device.control(b'{"type":"configure","hangover_ms":-5}')
+        error = await device.wait_for(lambda m: isinstance(m, Error) and "hangover_ms" in m.message)
+        assert isinstance(error, Error)
+        await asyncio.sleep(1.1)
+        await device.control(Configure(max_utterance_s=600))  # over the bridge's 8 s cap
+        error = await device.wait_for(lambda m: isinstance(m, Error) and "max_utterance_s" in m.message)
+        assert isinstance(error, Error)
+        assert not any(isinstance(m, Configured) for m in device.messages())
