@@ -208,6 +208,7 @@ def evaluate(clips: list[Clip], setting: dict[str, Any], no_speech_ms: int, deta
     speculations: list[int] = []
     finals: dict[int, list[int]] = {latency: [] for latency in BACKEND_LATENCIES}
     stale = 0
+    clipped: list[int] = []
     offset_errors: list[int] = []
     start_delays: list[int] = []
     cut = dict.fromkeys(PAUSES, 0)
@@ -246,13 +247,16 @@ def evaluate(clips: list[Clip], setting: dict[str, Any], no_speech_ms: int, deta
             delays.append(emit - clip.true_end)
             offset_errors.append(result["offset_ms"] - clip.true_end)
             speculated = result["last_pause_emit_ms"]
-            if speculated is None or speculated < clip.true_end:
-                stale += 1  # the committed speculation holds audio only up to an earlier pause
+            if speculated is None or speculated < clip.segments[-1][0]:
+                stale += 1  # the committed speculation holds audio only up to an earlier pause: a phrase is lost
                 outcome = "stale"
+            elif speculated < clip.true_end:
+                clipped.append(clip.true_end - speculated)  # Silero let go before the last sound ended
+                outcome = "tail-clipped"
             for latency, values in finals.items():
                 # the final is ready when both the turn has ended and the speculation has returned
                 values.append(max(emit, (speculated or emit) + latency) - clip.true_end)
-        horizon = emit if outcome.startswith(("cut", "early")) else clip.true_end
+        horizon = emit if outcome.startswith(("cut@", "early")) else clip.true_end
         for pause in clip.pauses:
             if pause["start_ms"] <= horizon:
                 reached[pause["length_ms"]] += 1
@@ -281,6 +285,7 @@ def evaluate(clips: list[Clip], setting: dict[str, Any], no_speech_ms: int, deta
         "speculations_per_turn": float(np.mean(speculations)),
         "final_p95_ms_by_backend_latency": {str(k): pct(v, 95) for k, v in finals.items()},
         "stale_commits": stale,
+        "tail_clipped": {"n": len(clipped), "max_ms": max(clipped) if clipped else 0},
         "cutoffs": sum(cut.values()) + early,
         "cut_by_pause_ms": {str(k): v for k, v in cut.items()},
         "pauses_reached": {str(k): v for k, v in reached.items()},
