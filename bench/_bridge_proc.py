@@ -298,6 +298,10 @@ max_sessions = {max(200, 2 * args.devices)}
 [log]
 level = "{args.log_level}"
 format = "json"
+
+[metrics]
+enabled = {"true" if args.metrics == "on" else "false"}
+listen = "127.0.0.1:0"
 """
     )
     configure(config.log.level, config.log.format)
@@ -404,6 +408,7 @@ def main() -> None:
     parser.add_argument("--endpointing", default="push_to_talk")
     parser.add_argument("--protocol", type=int, choices=[3, 5], default=3, help="MQTT version of bridge/subscriber")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--metrics", choices=["on", "off"], default="on", help="[metrics] enabled (port 0)")
     parser.add_argument("--experiment", default="", help="comma-separated: " + ",".join(EXPERIMENTS))
     args = parser.parse_args()
     args.experiment = [x for x in args.experiment.split(",") if x]

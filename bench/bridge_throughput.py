@@ -694,6 +694,8 @@ def run_phase(
             args.experiment,
             "--protocol",
             str(args.protocol),
+            "--metrics",
+            "off" if args.no_metrics else "on",
         ],
         logdir,
     )
@@ -943,6 +945,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="echokit")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--bridge-log-level", choices=["debug", "info", "warning", "error"], default="info")
+    parser.add_argument("--no-metrics", action="store_true", help="run the bridge with [metrics] enabled = false")
     parser.add_argument(
         "--paho-publish", action="store_true", help="send audio with paho's publish() instead of pre-framed packets"
     )
@@ -976,6 +979,7 @@ def main(argv: list[str] | None = None) -> int:
             "vad_decision_frames": fdec,
             "experiment": args.experiment,
             "protocol": args.protocol,
+            "metrics": not args.no_metrics,
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
         },
         "env": env,

@@ -24,6 +24,8 @@ class Endpointing(enum.StrEnum):
     """The bridge's VAD decides when the speaker stopped."""
     PUSH_TO_TALK = "push_to_talk"
     """Only the device's LAST frame ends the turn."""
+    BACKEND = "backend"
+    """The streaming recogniser decides (DashScope ``sentence_end``, ElevenLabs VAD); LAST still ends it."""
 
 
 class EndReason(enum.StrEnum):

@@ -360,6 +360,21 @@ def _check_backend(asr: AsrConfig, path: str, report: Report) -> None:
         report(f"{path}.grammar", f"file not found: {asr.grammar}")
 
 
+def backend_decides_turns(asr: AsrConfig) -> bool:
+    """Whether the configured recogniser ends turns itself (needed for ``endpointing = "backend"``)."""
+    platform = PLATFORM_ALIASES.get(asr.platform)
+    return platform == "paraformer_v2" or (platform == "elevenlabs" and asr.commit_strategy == "vad")
+
+
+def _check_session(config: Config, report: Report) -> None:
+    if config.session.endpointing is Endpointing.BACKEND and not backend_decides_turns(config.asr):
+        report(
+            "session.endpointing",
+            '"backend" needs a recogniser that ends turns: platform "paraformer_v2", or "elevenlabs"'
+            ' with commit_strategy = "vad"',
+        )
+
+
 def _check_devices(config: Config, report: Report) -> None:
     for i, device in enumerate(config.devices.allow):
         if not is_valid_device_id(device):
@@ -394,6 +409,7 @@ def _check_metrics(config: Config, report: Report) -> None:
 _SEMANTIC_CHECKS: tuple[typing.Callable[[Config, Report], None], ...] = (
     _check_mqtt,
     _check_asr,
+    _check_session,
     _check_devices,
     _check_metrics,
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from firmware_protocol import EndReason, Error, ErrorCode, SpeechEnded, Transcript
+from firmware_protocol import Endpointing, EndReason, Error, ErrorCode, Listening, SpeechEnded, Transcript
 from service.device_sim import send_utterance
 from tests.conftest import BridgeProcess
 from tests.fakes.dashscope_server import FakeDashScope, Fault, Script
@@ -21,9 +21,7 @@ def _config(fake: FakeDashScope) -> str:
     """
 
 
-async def test_backend_sentence_end_ends_the_turn_and_the_socket_is_reused(
-    make_bridge: object, speech: dict
-) -> None:
+async def test_backend_sentence_end_ends_the_turn_and_the_socket_is_reused(make_bridge: object, speech: dict) -> None:
     # Four words revealed over 1.4 s of audio, sentence_end 100 ms later: before our VAD's
     # 192 ms + 500 ms hangover after the speech (which ends at 1.44 s) would end the turn.
     script = Script(sentences=["What time is it?"], bytes_per_word=11000, end_after_ms=100)
@@ -57,3 +55,17 @@ async def test_task_failed_reaches_the_device(make_bridge: object, speech: dict)
         error = received[-1].message
         assert isinstance(error, Error) and error.code is ErrorCode.BACKEND_ERROR
         assert TOKEN not in error.message
+
+
+async def test_backend_endpointing_waits_for_the_recogniser(make_bridge: object, speech: dict) -> None:
+    # sentence_end 1.5 s after the last word: our VAD would have ended the turn long before.
+    script = Script(sentences=["What time is it?"], bytes_per_word=11000, end_after_ms=1500)
+    async with FakeDashScope(api_key=TOKEN, script=script) as fake:
+        bridge: BridgeProcess = make_bridge(_config(fake) + '\n[session]\nendpointing = "backend"\n')  # type: ignore[operator]
+        received = await send_utterance(bridge.broker.url, "ds3", speech["what_time"], prefix=bridge.prefix, speed=2)
+        messages = [r.message for r in received]
+        assert isinstance(messages[0], Listening) and messages[0].endpointing is Endpointing.BACKEND
+        ended = next(m for m in messages if isinstance(m, SpeechEnded))
+        assert ended.reason is EndReason.BACKEND
+        final = messages[-1]
+        assert isinstance(final, Transcript) and final.text == "What time is it?"
