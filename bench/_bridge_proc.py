@@ -26,8 +26,8 @@ import time
 from typing import Any
 
 import aiomqtt
-from paho.mqtt import client as mqtt_client
 import numpy as np
+from paho.mqtt import client as mqtt_client
 
 from firmware_protocol import Topics
 from service.backends import Recognition, RecognitionStream, SessionOptions, TranscriptionBackend

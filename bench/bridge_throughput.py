@@ -940,7 +940,13 @@ def main(argv: list[str] | None = None) -> int:
         help="candidate fixes applied to both receivers, comma-separated: gc (gen0 threshold 10000 on top of "
         "the bridge's own gc.freeze), props (cached paho MQTT 5 property tables); default none",
     )
-    parser.add_argument("--protocol", type=int, choices=[3, 5], default=3, help="MQTT version of both receivers (the bridge's default: 3)")
+    parser.add_argument(
+        "--protocol",
+        type=int,
+        choices=[3, 5],
+        default=3,
+        help="MQTT version of both receivers (the bridge's default: 3)",
+    )
     parser.add_argument("--profile", metavar="DIR", help="py-spy the receiver during each window (collapsed stacks)")
     parser.add_argument("--prefix", default="echokit")
     parser.add_argument("--seed", type=int, default=1)

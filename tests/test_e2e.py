@@ -149,11 +149,20 @@ async def test_reordered_duplicated_and_lost_frames_are_reassembled(bridge: Brid
         final = await device.wait_for(_final, timeout=30)
     assert isinstance(final, Transcript) and final.text == "what is the weather today"
     assert final.end_ms == len(frames) * 20 - (20 - len(frames[-1].payload) // 32)
-    closed = [json.loads(line) for line in bridge.log().splitlines() if '"session.closed"' in line]
-    stats = next(entry for entry in closed if entry.get("session") == 4242)
+    stats = await _closed_stats(bridge, 4242)
     assert stats["lost"] == len(lost)
     assert stats["duplicates"] == len(duplicated - lost)
     assert stats["reordered"] > 0
+
+
+async def _closed_stats(bridge: BridgeProcess, session: int) -> dict[str, int]:
+    """The bridge logs a session's stream counters just after its final is out: wait for the line."""
+    async with asyncio.timeout(10):
+        while True:
+            for line in bridge.log().splitlines():
+                if '"session.closed"' in line and (entry := json.loads(line)).get("session") == session:
+                    return entry  # type: ignore[no-any-return]
+            await asyncio.sleep(0.05)
 
 
 async def test_new_session_supersedes_and_cancel_stops(bridge: BridgeProcess, speech: dict) -> None:

@@ -52,9 +52,7 @@ async def test_openai_streaming_partials_then_final(make_bridge: object, speech:
     say = Say("what time is it", deltas=["what ", "time ", "is ", "it"], delta_interval_s=0.05)
     async with FakeOpenAI(api_key=SECRET, default=say) as fake:
         bridge: BridgeProcess = make_bridge(  # type: ignore[operator]
-            _openai_config(fake, 'stream = true\nmodel = "gpt-4o-mini-transcribe"').replace(
-                'model = "whisper-1"\n', ""
-            )
+            _openai_config(fake, 'stream = true\nmodel = "gpt-4o-mini-transcribe"').replace('model = "whisper-1"\n', "")
         )
         received = await send_utterance(
             bridge.broker.url, "oa2", speech["what_time"], prefix=bridge.prefix, speed=0, push_to_talk=True

@@ -167,7 +167,9 @@ def check_discovery(payload: dict[str, Any], *, bridge_prefix: str, device_id: s
         assert ID.fullmatch(object_id), object_id
         platform = c["platform"]
         assert platform in PLATFORMS, platform
-        assert not c.keys() - PLATFORM_KEYS[platform], f"{object_id}: keys HA would refuse: {c.keys() - PLATFORM_KEYS[platform]}"
+        assert not c.keys() - PLATFORM_KEYS[platform], (
+            f"{object_id}: keys HA would refuse: {c.keys() - PLATFORM_KEYS[platform]}"
+        )
         topic = c.get("state_topic", top.get("state_topic"))
         assert topic, f"{object_id} has no state_topic"
         for key in ("state_topic", "json_attributes_topic"):
@@ -216,7 +218,7 @@ class Recorder:
     async def _read(self) -> None:
         async for message in self._client.messages:
             async with self._arrived:
-                self.seen.append((message.topic.value, bytes(message.payload), bool(message.retain)))  # type: ignore[arg-type]
+                self.seen.append((message.topic.value, bytes(message.payload), bool(message.retain)))  # type: ignore[arg-type,unused-ignore]
                 self._arrived.notify_all()
 
     async def wait_for(self, predicate: Callable[[list[tuple[str, bytes, bool]]], bool], timeout: float = 30) -> None:
@@ -322,7 +324,10 @@ async def test_a_device_that_speaks_appears_in_home_assistant(make_bridge: Any, 
 
     # Clean up the retained messages this test left on the shared broker.
     async with aiomqtt.Client(broker.host, broker.port) as cleaner:
-        for topic in (config_topic, *(f"{ha}/{n}" for n in ("voice", "transcript", "transcript/attributes", "latency"))):
+        for topic in (
+            config_topic,
+            *(f"{ha}/{n}" for n in ("voice", "transcript", "transcript/attributes", "latency")),
+        ):
             await cleaner.publish(topic, b"", qos=1, retain=True)
     assert bridge.stop() == 0
 

@@ -58,6 +58,7 @@ VECTORS = PACKAGE / "vectors"
 PROTOCOL_MD = PACKAGE / "PROTOCOL.md"
 DATA_SUFFIX = {"audio_frame": ".bin", "device_message": ".msg", "bridge_message": ".msg"}
 
+
 def _vector_params() -> list[Any]:
     return [pytest.param(path, id=path.stem) for path in sorted(VECTORS.glob("*.json"))]
 
@@ -90,6 +91,7 @@ def test_vector_directory_is_populated_and_paired() -> None:
         assert path.with_suffix(DATA_SUFFIX[meta["kind"]]).is_file(), path.name
         if meta["valid"] and meta["kind"] != "audio_frame":
             kinds.setdefault(meta["kind"], set()).add(meta["decoded"]["type"])
+
     def tags(union: Any) -> set[str]:
         return {member.__struct_config__.tag for member in typing.get_args(union)}
 

@@ -87,8 +87,8 @@ async def _stop_mid_utterance(bridge: BridgeProcess, speech: dict, send_signal: 
 
         async def watch() -> None:
             async for message in bystander.messages:
-                decoded = decode_bridge_message(bytes(message.payload))  # type: ignore[arg-type]
-                order.append(getattr(decoded, "state", None) or decoded.__struct_config__.tag)
+                decoded = decode_bridge_message(bytes(message.payload))  # type: ignore[arg-type,unused-ignore]
+                order.append(str(getattr(decoded, "state", None) or decoded.__struct_config__.tag))
 
         watcher = asyncio.create_task(watch())
         # Push-to-talk: half of the utterance, the button still held.

@@ -87,12 +87,16 @@ async def test_tail_shows_every_device_live(bridge: BridgeProcess, speech: dict)
     mine = [r for r in records if r["device"] == talker]
     assert {r["device"] for r in records[1:]} == {talker, noisy}
     for r in mine:
-        assert r["topic"] == f"{prefix}/{talker}/out/" + {
-            "listening": "session",
-            "speech_started": "vad",
-            "speech_ended": "vad",
-            "transcript": "transcript",
-        }[r["type"]]
+        assert (
+            r["topic"]
+            == f"{prefix}/{talker}/out/"
+            + {
+                "listening": "session",
+                "speech_started": "vad",
+                "speech_ended": "vad",
+                "transcript": "transcript",
+            }[r["type"]]
+        )
         assert r["session"] == final.session
     # The same messages, in the same order, as the device itself received (partials are QoS 0, left out).
     device_saw = [json.loads(encode_message(r.message)) for r in spoken]

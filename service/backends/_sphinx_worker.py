@@ -7,6 +7,8 @@ pocketsphinx so that a spawned worker starts quickly.
 
 from __future__ import annotations
 
+import signal
+
 from pocketsphinx import Decoder
 
 _decoder: Decoder | None = None
@@ -16,6 +18,11 @@ _initial_cmn = ""
 
 def init(jsgf: str | None) -> None:
     global _decoder, _initial_cmn
+    # The bridge decides when its workers stop (after draining, on shutdown). Ctrl-C in a terminal
+    # and service managers signal the whole process group; a worker killed then would fail the
+    # utterances the bridge is still finishing.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # No flat-lexicon second pass: end_utt drops from ~100-160 ms to ~20-30 ms on our
     # fixtures with the same transcripts, and the final is what the device waits for.
     _decoder = Decoder(samprate=16000, loglevel="FATAL", fwdflat=False)

@@ -75,8 +75,8 @@ class _Worker:
             self._executor = self._spawn()
             raise BackendError("the pocketsphinx worker died; it was restarted") from None
 
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    def shutdown(self, *, wait: bool = False) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=True)
 
 
 class PocketsphinxBackend(TranscriptionBackend):
@@ -111,9 +111,11 @@ class PocketsphinxBackend(TranscriptionBackend):
             self._idle.put_nowait(w)
 
     async def aclose(self) -> None:
-        for w in self._workers:
-            w.shutdown()
-        self._workers = []
+        # Wait (off the event loop) until each worker and its executor's manager thread are gone: a
+        # manager thread still closing its pipes at interpreter exit races concurrent.futures' exit
+        # hook, which then prints an "OSError: Bad file descriptor" traceback.
+        workers, self._workers = self._workers, []
+        await asyncio.gather(*(asyncio.to_thread(w.shutdown, wait=True) for w in workers))
 
     def open(self, options: SessionOptions, listener: StreamListener) -> RecognitionStream:
         return _PocketsphinxStream(self, listener)
