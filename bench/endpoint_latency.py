@@ -35,13 +35,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vad_quality import DEFAULT_SET, NAMED, extend
 
-from firmware_protocol import Configured, Endpointing, EndReason, SpeechEnded, Topics, Transcript, decode_bridge_message
+from firmware_protocol import (
+    Configured,
+    Endpointing,
+    EndReason,
+    SpeechEnded,
+    Topics,
+    Transcript,
+    decode_bridge_message,
+)
 from service.audio_files import read_wav_16k_mono
 from service.backends import Recognition, SessionOptions
 from service.backends.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
@@ -96,16 +105,7 @@ async def one_turn(
     services = SessionServices(
         backend=backend, vad=batcher, publisher=DevicePublisher(Topics(), publish, 1024), session=limits
     )
-    tuning = Configured(
-        endpointing=Endpointing.SERVER_VAD,
-        threshold=vad_config.threshold,
-        neg_threshold=vad_config.effective_neg_threshold,
-        min_speech_duration_ms=vad_config.min_speech_duration_ms,
-        max_silence_duration_ms=vad_config.max_silence_duration_ms,
-        hangover_ms=vad_config.hangover_ms,
-        no_speech_timeout_ms=limits.no_speech_timeout_ms,
-        max_utterance_s=limits.max_utterance_s,
-    )
+    tuning = session_tuning(vad_config, limits)
     session = Session("bench", 1, services, tuning=tuning, options=SessionOptions())
     runner = asyncio.create_task(session.run())
     turn.t0 = t0 = time.perf_counter()
@@ -141,6 +141,28 @@ async def one_turn(
         "speculation_head_start_ms": (t_ended - committed) * 1000 if committed is not None else None,
         "session_latency_ms": final[1].latency_ms,
     }
+
+
+def session_tuning(vad: VadConfig, limits: SessionConfig) -> Configured:
+    """What the session manager hands a session: server VAD with ``vad``'s values (neg_threshold effective).
+    Fields added to ``Configured`` later take the defaults of the config field of the same name."""
+    values: dict[str, Any] = {
+        "endpointing": Endpointing.SERVER_VAD,
+        "threshold": vad.threshold,
+        "neg_threshold": vad.effective_neg_threshold,
+        "min_speech_duration_ms": vad.min_speech_duration_ms,
+        "max_silence_duration_ms": vad.max_silence_duration_ms,
+        "hangover_ms": vad.hangover_ms,
+        "no_speech_timeout_ms": limits.no_speech_timeout_ms,
+        "max_utterance_s": limits.max_utterance_s,
+    }
+    for f in msgspec.structs.fields(Configured):
+        if f.name not in values and f.required:
+            for source, name in ((vad, f.name), (vad, f.name.removeprefix("vad_")), (limits, f.name)):
+                if hasattr(source, name):
+                    values[f.name] = getattr(source, name)
+                    break
+    return Configured(**values)
 
 
 async def staggered(after_s: float, *args: Any) -> dict[str, Any]:

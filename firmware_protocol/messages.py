@@ -28,6 +28,19 @@ class Endpointing(enum.StrEnum):
     """The streaming recogniser decides (DashScope ``sentence_end``, ElevenLabs VAD); LAST still ends it."""
 
 
+class VadEngine(enum.StrEnum):
+    """What scores each 32 ms window for the endpointer (the turn rules are the same for all)."""
+
+    SILERO = "silero"
+    """Silero VAD in the bridge (the default)."""
+    WEBRTC = "webrtc"
+    """WebRTC's VAD: cheap, less accurate; the fraction of 10 ms frames judged speech."""
+    WEBRTC_SILERO = "webrtc+silero"
+    """WebRTC as a gate: windows it calls silent are not sent to Silero."""
+    REMOTE = "remote"
+    """EchoKit's silero_vad_server over its realtime WebSocket (``asr.vad_realtime_url``)."""
+
+
 class EndReason(enum.StrEnum):
     SILENCE = "silence"
     DEVICE = "device"
@@ -78,6 +91,7 @@ class EndpointingOverrides(msgspec.Struct, kw_only=True, omit_defaults=True):
     hangover_ms: Millis | None = None
     no_speech_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] | None = None
     max_utterance_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    vad_engine: VadEngine | None = None
 
 
 class Configure(_Message, EndpointingOverrides, tag="configure"):
@@ -157,6 +171,7 @@ class Configured(_Message, tag="configured"):
     hangover_ms: int
     no_speech_timeout_ms: int
     max_utterance_s: float
+    vad_engine: VadEngine
 
 
 BridgeMessage = Listening | SpeechStarted | SpeechEnded | Transcript | Error | BridgeStatus | Configured

@@ -27,6 +27,7 @@ from service.publisher import DevicePublisher
 from service.session import SessionServices
 from service.sessions import SessionManager
 from service.vad import SileroModel, VadBatcher
+from service.vad_engines import VadEngines
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +90,7 @@ class Bridge:
             self.backend = self.metrics.instrument(backend) if self.metrics is not None else backend
         chain = backend or self.backend
         self.vad = VadBatcher(SileroModel())
+        self.vad_engines = VadEngines.from_config(self.vad, config.asr)
         ha = config.homeassistant
         self._ha_status = f"{ha.discovery_prefix}/status"
         self.link = MqttLink(
@@ -111,6 +113,7 @@ class Bridge:
             session=config.session,
             final_timeout_s=final_timeout(config.asr),
             metrics=self.metrics.session if self.metrics is not None else None,
+            engines=self.vad_engines,
         )
         self.sessions = SessionManager(config, self.topics, services)
         self._stop = asyncio.Event()
@@ -168,11 +171,9 @@ class Bridge:
         # so its full passes stay short (they cost 30-40 ms each otherwise, measured in bench/).
         gc.collect()
         gc.freeze()
-        if self.config.asr.vad_url or self.config.asr.vad_realtime_url:
-            log.warning(
-                "config.vad_url_ignored",
-                reason="EchoKit's remote VAD server is not supported yet; Silero runs in process",
-            )
+        asr = self.config.asr
+        if asr.vad_url or asr.vad_realtime_url:
+            log.info("vad.remote", vad_url=asr.vad_url or None, vad_realtime_url=asr.vad_realtime_url or None)
         log.info("bridge.starting", instance=self.instance, backend=self.backend.name, prefix=self.topics.prefix)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -195,6 +196,7 @@ class Bridge:
         finally:
             self._backend_started = False
             await self.backend.aclose()
+            await self.vad_engines.aclose()
             if self.health is not None:
                 await self.health.close()
             log.info("bridge.stopped")

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from firmware_protocol import DEFAULT_PREFIX, Endpointing, EndpointingOverrides, is_valid_device_id
+from firmware_protocol import DEFAULT_PREFIX, Endpointing, EndpointingOverrides, VadEngine, is_valid_device_id
 
 Report = typing.Callable[[str, str], None]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -59,6 +59,11 @@ class VadConfig(_Section):
     min_speech_duration_ms: Annotated[int, msgspec.Meta(ge=0)] = 400
     max_silence_duration_ms: Annotated[int, msgspec.Meta(ge=0)] = 200
     hangover_ms: Annotated[int, msgspec.Meta(ge=0)] = 500
+    # Ours: what scores each window (EchoKit always runs Silero)
+    engine: VadEngine = VadEngine.SILERO
+    """``silero`` | ``webrtc`` | ``webrtc+silero`` | ``remote`` (needs ``asr.vad_realtime_url``)."""
+    webrtc_mode: Annotated[int, msgspec.Meta(ge=0, le=3)] = 3
+    """WebRTC VAD aggressiveness, 0 (keeps most audio as speech) to 3 (filters the most)."""
 
     @property
     def effective_neg_threshold(self) -> float:
@@ -348,6 +353,18 @@ def _check_asr(config: Config, report: Report) -> None:
     vad = config.asr.vad
     if vad.neg_threshold is not None and vad.neg_threshold >= vad.threshold:
         report("asr.vad.neg_threshold", "must be below asr.vad.threshold")
+    if vad.engine is VadEngine.REMOTE and not config.asr.vad_realtime_url:
+        report("asr.vad.engine", _REMOTE_NEEDS_URL)
+    if config.asr.vad_realtime_url and urlsplit(config.asr.vad_realtime_url).scheme not in ("ws", "wss"):
+        report(
+            "asr.vad_realtime_url",
+            f"expected ws://host:port/v1/audio/realtime_vad, got {config.asr.vad_realtime_url!r}",
+        )
+    if config.asr.vad_url and urlsplit(config.asr.vad_url).scheme not in ("http", "https"):
+        report("asr.vad_url", f"expected http://host:port/v1/audio/vad, got {config.asr.vad_url!r}")
+
+
+_REMOTE_NEEDS_URL = '"remote" needs asr.vad_realtime_url (silero_vad_server\'s ws://host:9093/v1/audio/realtime_vad)'
 
 
 def _check_backend(asr: AsrConfig, path: str, report: Report) -> None:
@@ -396,6 +413,8 @@ def overrides_problem(config: Config, overrides: EndpointingOverrides) -> tuple[
     if overrides.max_utterance_s is not None and overrides.max_utterance_s > config.session.max_utterance_s:
         limit = config.session.max_utterance_s
         return "max_utterance_s", f"may not exceed the bridge's session.max_utterance_s ({limit:g})"
+    if overrides.vad_engine is VadEngine.REMOTE and not config.asr.vad_realtime_url:
+        return "vad_engine", _REMOTE_NEEDS_URL
     return None
 
 

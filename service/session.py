@@ -41,8 +41,8 @@ from service.vad import (
     SpeechStart,
     TurnEnd,
     VadBatcher,
-    VadStream,
 )
+from service.vad_engines import VadEngines, VadScorer
 
 SAMPLES_PER_MS = 16
 
@@ -57,6 +57,8 @@ class SessionServices:
     session: SessionConfig
     final_timeout_s: float = 30.0
     metrics: SessionMetrics | None = None
+    engines: VadEngines | None = None
+    """Builds each session's VAD scorer (and holds the ``vad_url`` check); ``None``: Silero on ``vad``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +92,11 @@ class Session:
         self._first_partial_from: float | None = None
         """When speech started (monotonic) until the first partial is sent: time to first partial."""
         self._endpointer = self._make_endpointer()
-        self._vad_stream = VadStream()
+        self._engines = services.engines or VadEngines(services.vad)
+        self._scorer: VadScorer | None = None
+        """Built from ``tuning.vad_engine`` with the first window (a remote engine opens its socket then)."""
+        self._heard: list[np.ndarray] = []
+        """Without server VAD and with ``asr.vad_url`` set: the turn's audio, for the legacy batch check."""
         self._vad_pending = np.zeros(0, dtype=np.int16)
         """Audio not yet scored (less than a window); it reaches the recogniser with its window."""
         self._speculation: asyncio.Task[Recognition] | None = None
@@ -191,6 +197,8 @@ class Session:
                 self._speculation.cancel()
             if self._stream is not None:
                 await self._stream.cancel()
+            if self._scorer is not None:
+                await self._scorer.aclose()
 
     async def _listen(self) -> TurnEnd:
         """Take audio until the turn ends: VAD, LAST frame, cancel, length cap, or the manager's idle timeout.
@@ -227,6 +235,8 @@ class Session:
         else:
             end = None
             self._stream.feed(pcm)
+            if self._engines.batch_check is not None:
+                self._heard.append(pcm)
             self._device_speaks(pcm)
         if end is None and too_long:
             limit = self.tuning.max_utterance_s
@@ -258,7 +268,9 @@ class Session:
             window = pending[taken : taken + WINDOW]
             taken += WINDOW
             self._stream.feed(window)
-            probability = await self._services.vad.score(self._vad_stream, window.astype(np.float32) / 32768.0)
+            if self._scorer is None:
+                self._scorer = self._engines.scorer(self.tuning.vad_engine, self.device_id)
+            probability = await self._scorer.score(window)
             for event in self._endpointer.update(probability):
                 if isinstance(event, SpeechStart):
                     self._started_ms = event.offset_ms
@@ -284,6 +296,9 @@ class Session:
             if stream is not None:
                 await stream.cancel()
             result: Recognition | None = Recognition("", reason=EndReason.NO_SPEECH)
+        elif not await self._batch_check_hears_speech(end):
+            await stream.cancel()
+            result = Recognition("", reason=EndReason.NO_SPEECH)
         else:
             try:
                 result = await self._final(stream, end)
@@ -309,6 +324,17 @@ class Session:
             )
         )
         self.log.info("session.final", chars=len(result.text), latency_ms=latency_ms, reason=end.reason.value)
+
+    async def _batch_check_hears_speech(self, end: TurnEnd) -> bool:
+        """EchoKit's legacy ``vad_url`` check of a turn the device ended; only silence it is sure of skips the ASR."""
+        check = self._engines.batch_check
+        if check is None or self._endpointer is not None or end.reason is EndReason.BACKEND or not self._heard:
+            return True
+        audio, self._heard = np.concatenate(self._heard), []
+        speech = await check.has_speech(audio)
+        if not speech:
+            self.log.info("session.batch_vad_no_speech", url=check.url, ms=len(audio) // SAMPLES_PER_MS)
+        return speech
 
     async def _final(self, stream: RecognitionStream, end: TurnEnd) -> Recognition | None:
         """The committed speculation if there is one (falling back to ``finish``), else ``finish``."""

@@ -289,6 +289,7 @@ class SessionManager:
             hangover_ms=_pick(layered.hangover_ms, vad.hangover_ms),
             no_speech_timeout_ms=_pick(layered.no_speech_timeout_ms, config.session.no_speech_timeout_ms),
             max_utterance_s=_pick(layered.max_utterance_s, config.session.max_utterance_s),
+            vad_engine=_pick(layered.vad_engine, vad.engine),
         )
 
     def _options(self, device_id: str, start: Start | None) -> SessionOptions:

@@ -42,6 +42,7 @@ from firmware_protocol import (
     SpeechStarted,
     Start,
     Transcript,
+    VadEngine,
     decode_bridge_message,
     decode_device_message,
     encode_message,
@@ -379,6 +380,7 @@ def message_vectors() -> dict[str, tuple[bytes, dict[str, Any]]]:
                 hangover_ms=300,
                 no_speech_timeout_ms=3000,
                 max_utterance_s=30.0,
+                vad_engine=VadEngine.SILERO,
             ),
         ),
         "bridge_status_online": bridge(

@@ -785,7 +785,8 @@ def test_compose_bridge_uses_the_image_config_path_and_env_file(compose: dict[st
     assert f"user {BRIDGE_USER}" in active_lines(SHIPPED_ACL.read_text())
     assert mqtt["password"] == "${MQTT_PASSWORD}"
     rules = [line.split() for line in active_lines(SHIPPED_ACL.read_text()) if line.startswith(("topic ", "pattern "))]
-    assert rules and all(rule[-1].startswith(f"{mqtt['topic_prefix']}/") for rule in rules)
+    # Every rule is under the bridge's prefix, except Home Assistant's discovery topics.
+    assert rules and all(rule[-1].startswith((f"{mqtt['topic_prefix']}/", "homeassistant/")) for rule in rules)
 
 
 def test_env_example_defines_what_bridge_toml_reads() -> None:
@@ -809,6 +810,10 @@ def test_acl_confines_devices_by_username() -> None:
         f"topic read {PREFIX}/+/in/#",
         f"topic write {PREFIX}/+/out/#",
         f"topic readwrite {PREFIX}/status",
+        # Home Assistant discovery ([homeassistant] enabled): entity state and configs, HA's birth message.
+        f"topic write {PREFIX}/+/ha/#",
+        "topic write homeassistant/device/#",
+        "topic read homeassistant/status",
     }
 
 

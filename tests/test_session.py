@@ -6,7 +6,16 @@ import asyncio
 
 import numpy as np
 
-from firmware_protocol import Configured, Endpointing, EndReason, SpeechEnded, Topics, Transcript, decode_bridge_message
+from firmware_protocol import (
+    Configured,
+    Endpointing,
+    EndReason,
+    SpeechEnded,
+    Topics,
+    Transcript,
+    VadEngine,
+    decode_bridge_message,
+)
 from service.backends import Recognition, SessionOptions
 from service.backends.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
 from service.config import SessionConfig, VadConfig
@@ -60,6 +69,7 @@ async def _run_session(backend: TranscriptionBackend, audio: np.ndarray) -> list
         hangover_ms=vad.hangover_ms,
         no_speech_timeout_ms=limits.no_speech_timeout_ms,
         max_utterance_s=limits.max_utterance_s,
+        vad_engine=VadEngine.SILERO,
     )
     session = Session("dev", 1, services, tuning=tuning, options=SessionOptions())
     for i in range(0, len(audio), 320):

@@ -1,0 +1,303 @@
+"""VAD engines: what turns each 512-sample window into the speech probability the endpointer reads.
+
+The turn rules (:class:`service.vad.Endpointer`, EchoKit's) are the same whatever the engine;
+a session asks its :class:`VadScorer` for one probability per window and nothing else:
+
+- ``silero``: Silero in process, batched across streams by :class:`~service.vad.VadBatcher` (off the loop).
+- ``webrtc``: WebRTC's VAD (``webrtcvad``), inline: microseconds per window. The probability is
+  the fraction of the 10 ms frames in the window it judged speech.
+- ``webrtc+silero``: WebRTC as a gate in front of Silero. A window in which WebRTC hears no speech
+  at all scores 0 without a Silero call; the others go to Silero.
+- ``remote``: EchoKit's silero_vad_server over its realtime WebSocket: ``speech_start`` /
+  ``speech_end`` events become 1.0 / 0.0 per window. Any failure falls back to local Silero for
+  the rest of the session (EchoKit's rule: a VAD error never blocks a turn).
+
+And EchoKit's legacy batch check (``asr.vad_url``): :class:`BatchVadCheck` asks silero_vad_server
+whether a device-ended turn held any speech before the recogniser is called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import wave
+from typing import Any, Protocol
+
+import httpx
+import numpy as np
+import structlog
+import webrtcvad
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from firmware_protocol import VadEngine
+from service.config import AsrConfig
+from service.vad import _CONTEXT, SAMPLE_RATE, VadBatcher, VadStream
+
+log = structlog.get_logger(__name__)
+
+WEBRTC_FRAME = 160  # samples: 10 ms, one of the frame sizes WebRTC's VAD accepts at 16 kHz
+
+
+class VadScorer(Protocol):
+    """One session's engine: a speech probability per 512-sample int16 window, in order."""
+
+    async def score(self, window: np.ndarray) -> float: ...
+
+    async def aclose(self) -> None: ...
+
+
+class SileroScorer:
+    """Silero through the shared batcher; this stream's recurrent state lives here."""
+
+    def __init__(self, batcher: VadBatcher) -> None:
+        self._batcher = batcher
+        self.stream = VadStream()
+        self.calls = 0
+
+    async def score(self, window: np.ndarray) -> float:
+        self.calls += 1
+        return await self._batcher.score(self.stream, window.astype(np.float32) / 32768.0)
+
+    def restart(self, context: np.ndarray) -> None:
+        """Fresh recurrent state, with ``context`` (the audio just before the next window) as the 64-sample context."""
+        self.stream = VadStream()
+        self.stream.context = context[-_CONTEXT:].astype(np.float32) / 32768.0
+
+    async def aclose(self) -> None:
+        return None
+
+
+class WebrtcScorer:
+    """Fraction of the 10 ms frames WebRTC's VAD judges speech; samples past the last whole frame carry over."""
+
+    def __init__(self, mode: int) -> None:
+        self._vad = webrtcvad.Vad(mode)
+        self._carry = np.zeros(0, dtype=np.int16)
+
+    def score_now(self, window: np.ndarray) -> float:
+        audio = np.concatenate([self._carry, window]) if len(self._carry) else window
+        frames = len(audio) // WEBRTC_FRAME
+        data = audio[: frames * WEBRTC_FRAME].astype("<i2").tobytes()
+        self._carry = audio[frames * WEBRTC_FRAME :].copy()
+        if frames == 0:
+            return 0.0
+        step = WEBRTC_FRAME * 2
+        voiced = sum(bool(self._vad.is_speech(data[i : i + step], SAMPLE_RATE)) for i in range(0, len(data), step))
+        return voiced / frames
+
+    async def score(self, window: np.ndarray) -> float:
+        return self.score_now(window)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class GatedScorer:
+    """WebRTC gates Silero: a window with no WebRTC speech frame scores 0 and costs no Silero call.
+
+    Silero's recurrent state is not advanced through gated windows, so when a gated run ends the
+    state would describe audio from before the gap. It is reset instead (as at the start of a
+    stream, which is what Silero is tuned for), with the last 64 samples of the gated audio as
+    context so the next window continues the real signal.
+    """
+
+    def __init__(self, gate: WebrtcScorer, silero: SileroScorer) -> None:
+        self._gate = gate
+        self._silero = silero
+        self._gated: np.ndarray | None = None
+        self.skipped = 0
+
+    @property
+    def silero_calls(self) -> int:
+        return self._silero.calls
+
+    async def score(self, window: np.ndarray) -> float:
+        if self._gate.score_now(window) == 0.0:
+            self._gated = window
+            self.skipped += 1
+            return 0.0
+        if self._gated is not None:
+            self._silero.restart(self._gated)
+            self._gated = None
+        return await self._silero.score(window)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class RemoteScorer:
+    """silero_vad_server's ``/v1/audio/realtime_vad``: one socket per session, events → probabilities.
+
+    Windows go out as binary PCM s16le (512 samples = 1024 bytes, the least the server handles).
+    Events come back asynchronously, so each window is scored with the latest state: 1.0 after
+    ``speech_start``, 0.0 after ``speech_end`` (and before any event). A refused connection, an
+    ``{"error": ...}`` message or a closed socket switches the session to local Silero.
+    """
+
+    def __init__(self, url: str, fallback: SileroScorer, *, connect_timeout_s: float, device: str = "") -> None:
+        self._url = url
+        self._fallback = fallback
+        self._connect_timeout_s = connect_timeout_s
+        self._log = log.bind(device=device) if device else log
+        self._ws: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._speaking = False
+        self._closing = False
+        self.failed: str | None = None
+        """Why the session fell back to Silero, or ``None`` while the server serves it."""
+        self.events: list[str] = []
+
+    async def score(self, window: np.ndarray) -> float:
+        if self.failed is None:
+            try:
+                if self._ws is None:
+                    self._ws = await connect(
+                        self._url, open_timeout=self._connect_timeout_s, compression=None, max_size=2**16
+                    )
+                    self._reader = asyncio.create_task(self._read(self._ws))
+                await self._ws.send(window.astype("<i2").tobytes())
+            except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
+                self._fail(f"{type(exc).__name__}: {exc}")
+        if self.failed is not None:
+            return await self._fallback.score(window)
+        return 1.0 if self._speaking else 0.0
+
+    async def _read(self, ws: ClientConnection) -> None:
+        try:
+            async for message in ws:
+                if isinstance(message, bytes):
+                    continue
+                try:
+                    body: Any = json.loads(message)
+                except ValueError:
+                    continue
+                if not isinstance(body, dict):
+                    continue
+                if "error" in body:
+                    self._fail(f"{body.get('error')}: {body.get('message', '')}")
+                    return
+                event = body.get("event")
+                if event == "speech_start":
+                    self._speaking = True
+                    self.events.append(event)
+                elif event == "speech_end":
+                    self._speaking = False
+                    self.events.append(event)
+        except ConnectionClosed as exc:
+            if not self._closing:
+                self._fail(f"connection closed: {exc}")
+            return
+        if not self._closing:
+            self._fail("the server closed the connection")
+
+    def _fail(self, reason: str) -> None:
+        if self.failed is not None or self._closing:
+            return
+        self.failed = reason
+        self._speaking = False
+        self._log.warning("vad.remote_failed", url=self._url, reason=reason[:200], fallback="silero")
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await self._ws.close()
+
+
+def wav_bytes(pcm: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(SAMPLE_RATE)
+        wav.writeframes(pcm.astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+class BatchVadCheck:
+    """EchoKit's legacy ``vad_url``: POST the turn's WAV (part ``audio``), empty ``timestamps`` = nobody spoke.
+
+    Anything but a list of timestamps (an ``error`` body, a timeout, a dead server) counts as
+    speech: the check can skip a recogniser call, never lose a turn.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float, connect_timeout_s: float) -> None:
+        self.url = url
+        self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self._client: httpx.AsyncClient | None = None
+
+    async def has_speech(self, pcm: np.ndarray) -> bool:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout)
+        try:
+            response = await self._client.post(self.url, files={"audio": ("audio.wav", wav_bytes(pcm))})
+            body: Any = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("vad.batch_check_failed", url=self.url, reason=f"{type(exc).__name__}: {exc}"[:200])
+            return True
+        timestamps = body.get("timestamps") if isinstance(body, dict) else None
+        if not isinstance(timestamps, list):
+            log.warning("vad.batch_check_failed", url=self.url, reason=str(body)[:200])
+            return True
+        return bool(timestamps)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+class VadEngines:
+    """Builds each session's scorer from its tuning; holds what the engines share (the Silero batcher)."""
+
+    def __init__(
+        self,
+        batcher: VadBatcher,
+        *,
+        webrtc_mode: int = 3,
+        realtime_url: str = "",
+        batch_url: str = "",
+        connect_timeout_s: float = 3.0,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.batcher = batcher
+        self.webrtc_mode = webrtc_mode
+        self.realtime_url = realtime_url
+        self.connect_timeout_s = connect_timeout_s
+        self.batch_check = (
+            BatchVadCheck(batch_url, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s) if batch_url else None
+        )
+
+    @classmethod
+    def from_config(cls, batcher: VadBatcher, asr: AsrConfig) -> VadEngines:
+        return cls(
+            batcher,
+            webrtc_mode=asr.vad.webrtc_mode,
+            realtime_url=asr.vad_realtime_url,
+            batch_url=asr.vad_url,
+            connect_timeout_s=asr.connect_timeout_s,
+            timeout_s=asr.timeout_s,
+        )
+
+    def scorer(self, engine: VadEngine, device: str = "") -> VadScorer:
+        if engine is VadEngine.WEBRTC:
+            return WebrtcScorer(self.webrtc_mode)
+        if engine is VadEngine.WEBRTC_SILERO:
+            return GatedScorer(WebrtcScorer(self.webrtc_mode), SileroScorer(self.batcher))
+        if engine is VadEngine.REMOTE and self.realtime_url:
+            return RemoteScorer(
+                self.realtime_url, SileroScorer(self.batcher), connect_timeout_s=self.connect_timeout_s, device=device
+            )
+        return SileroScorer(self.batcher)
+
+    async def aclose(self) -> None:
+        if self.batch_check is not None:
+            await self.batch_check.aclose()
