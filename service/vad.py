@@ -162,7 +162,8 @@ class Endpointer:
     def __init__(self, config: VadConfig, no_speech_timeout_ms: int) -> None:
         self._threshold = min(config.threshold, 0.95)
         self._neg_threshold = config.effective_neg_threshold
-        self._silence_windows = max(1, -(-config.max_silence_duration_ms * SAMPLE_RATE // 1000 // WINDOW))
+        # As EchoKit's vad.rs: 200 ms * 16 / 512 = 6 windows (integer division, not rounded up).
+        self._silence_windows = max(1, config.max_silence_duration_ms * SAMPLE_RATE // 1000 // WINDOW)
         self._min_speech_ms = config.min_speech_duration_ms
         self._hangover_ms = config.hangover_ms
         self._no_speech_ms = no_speech_timeout_ms

@@ -26,12 +26,15 @@ def test_speech_then_silence_commits_after_max_silence_plus_hangover() -> None:
     assert start == SpeechStart(320)
     assert pause == SpeechPause(960)  # end of the last voiced window
     assert isinstance(end, TurnEnd) and end.reason is EndReason.SILENCE and end.offset_ms == 960
-    # EchoKit: 6 windows (192 ms) to leave speech, then > 500 ms of silence: the 22nd silent window.
+    # EchoKit: the 6th silent window (200 * 16 // 512) leaves speech and counts 32 ms of silence;
+    # 15 more make it exceed 500 ms: the turn ends with the 21st silent window, 672 ms after the end.
     endpointer = Endpointer(VadConfig(), 3000)
     for i, p in enumerate([0.0] * 10 + [0.9] * 20 + [0.0] * 40):
         if any(isinstance(e, TurnEnd) for e in endpointer.update(p)):
-            assert (i + 1) * 32 - 960 == 6 * 32 + 16 * 32  # 704 ms after the true end
+            assert (i + 1) * 32 - 960 == 21 * 32
             break
+    else:
+        raise AssertionError("the turn never ended")
 
 
 def test_short_blip_is_not_a_turn_and_no_speech_times_out() -> None:
