@@ -45,6 +45,7 @@ from service.backends.base import (
     StreamListener,
     TranscriptionBackend,
 )
+from service.backends.http import pooled_transport
 from service.backends.retry import RetryPolicy, retry_after_seconds
 from service.config import AsrConfig
 
@@ -259,7 +260,10 @@ class ElevenLabsBackend(TranscriptionBackend):
         """The one HTTP client for every batch request (made here too if :meth:`start` was skipped)."""
         if self._http is None:
             timeout = httpx.Timeout(self.config.timeout_s, connect=self.config.connect_timeout_s)
-            self._http = httpx.AsyncClient(timeout=timeout, headers={"user-agent": USER_AGENT})
+            limits = httpx.Limits(max_connections=self.config.max_connections, max_keepalive_connections=64)
+            self._http = httpx.AsyncClient(
+                transport=pooled_transport(limits), timeout=timeout, headers={"user-agent": USER_AGENT}
+            )
         return self._http
 
     def open(self, options: SessionOptions, listener: StreamListener) -> RecognitionStream:

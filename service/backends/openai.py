@@ -29,6 +29,7 @@ from service.backends.base import (
     StreamListener,
     TranscriptionBackend,
 )
+from service.backends.http import connection_failed, pooled_transport
 from service.backends.retry import RetryPolicy, retry_after_seconds
 from service.config import AsrConfig
 
@@ -139,7 +140,7 @@ class OpenAIBackend(TranscriptionBackend):
     def _ensure_client(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = httpx.AsyncClient(
-                transport=self._transport,
+                transport=self._transport or pooled_transport(self._limits),
                 limits=self._limits,
                 timeout=self._timeout,
                 headers={"User-Agent": f"echokit-mqtt-bridge/{__version__}"},
@@ -211,6 +212,11 @@ class OpenAIBackend(TranscriptionBackend):
                 code=ErrorCode.BACKEND_TIMEOUT,
             ) from None
         except httpx.TimeoutException as exc:
+            if connection_failed(exc):
+                raise BackendError(
+                    f"openai ASR: connection to {self._host} failed: {type(exc.__cause__).__name__}",
+                    code=ErrorCode.BACKEND_UNAVAILABLE,
+                ) from None
             raise BackendError(
                 f"openai ASR: {type(exc).__name__} talking to {self._host}", code=ErrorCode.BACKEND_TIMEOUT
             ) from None
@@ -226,6 +232,10 @@ class OpenAIBackend(TranscriptionBackend):
         except httpx.HTTPError as exc:
             raise BackendError(
                 f"openai ASR: {type(exc).__name__}: {self._redact(str(exc))}", code=ErrorCode.BACKEND_ERROR
+            ) from None
+        except ValueError as exc:  # aiohttp refuses e.g. credentials in asr.url next to an api_key
+            raise BackendError(
+                f"openai ASR: request refused: {self._redact(str(exc))}", code=ErrorCode.BACKEND_ERROR, retryable=False
             ) from None
 
     def _decode(self, body: bytes) -> str:
