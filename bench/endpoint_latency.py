@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -45,6 +44,7 @@ from vad_quality import DEFAULT_SET, NAMED, extend
 from firmware_protocol import (
     Configured,
     Endpointing,
+    EndpointingOverrides,
     EndReason,
     SpeechEnded,
     Topics,
@@ -54,10 +54,11 @@ from firmware_protocol import (
 from service.audio_files import read_wav_16k_mono
 from service.backends import Recognition, SessionOptions
 from service.backends.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
-from service.config import SessionConfig, VadConfig
+from service.config import AsrConfig, Config, SessionConfig, VadConfig
 from service.logs import configure as configure_logs
 from service.publisher import DevicePublisher
 from service.session import Session, SessionServices
+from service.sessions import effective_tuning
 from service.vad import SileroModel, VadBatcher
 
 CHUNK = 320  # 20 ms, a device frame
@@ -144,25 +145,9 @@ async def one_turn(
 
 
 def session_tuning(vad: VadConfig, limits: SessionConfig) -> Configured:
-    """What the session manager hands a session: server VAD with ``vad``'s values (neg_threshold effective).
-    Fields added to ``Configured`` later take the defaults of the config field of the same name."""
-    values: dict[str, Any] = {
-        "endpointing": Endpointing.SERVER_VAD,
-        "threshold": vad.threshold,
-        "neg_threshold": vad.effective_neg_threshold,
-        "min_speech_duration_ms": vad.min_speech_duration_ms,
-        "max_silence_duration_ms": vad.max_silence_duration_ms,
-        "hangover_ms": vad.hangover_ms,
-        "no_speech_timeout_ms": limits.no_speech_timeout_ms,
-        "max_utterance_s": limits.max_utterance_s,
-    }
-    for f in msgspec.structs.fields(Configured):
-        if f.name not in values and f.required:
-            for source, name in ((vad, f.name), (vad, f.name.removeprefix("vad_")), (limits, f.name)):
-                if hasattr(source, name):
-                    values[f.name] = getattr(source, name)
-                    break
-    return Configured(**values)
+    """What the session manager hands a session: server VAD with ``vad``'s values."""
+    config = Config(asr=AsrConfig(vad=vad), session=limits)
+    return effective_tuning(config, EndpointingOverrides(endpointing=Endpointing.SERVER_VAD))
 
 
 async def staggered(after_s: float, *args: Any) -> dict[str, Any]:

@@ -273,24 +273,8 @@ class SessionManager:
 
     def _tuning(self, device_id: str, device: _Device, start: Start | None) -> Configured:
         """Config, then ``[devices.<id>]``, then the device's ``configure``, then the session's ``start``."""
-        config, vad = self._config, self._config.asr.vad
-        layered = _layer(config.devices.tuning.get(device_id), device.overrides)
-        threshold = _pick(layered.threshold, vad.threshold)
-        negative = layered.neg_threshold
-        if negative is None:
-            negative = vad.neg_threshold if layered.threshold is None and vad.neg_threshold is not None else None
-        return Configured(
-            endpointing=(start.endpointing if start and start.endpointing else None)
-            or _pick(layered.endpointing, config.session.endpointing),
-            threshold=threshold,
-            neg_threshold=negative if negative is not None else max(min(threshold, 0.95) - 0.15, 0.05),
-            min_speech_duration_ms=_pick(layered.min_speech_duration_ms, vad.min_speech_duration_ms),
-            max_silence_duration_ms=_pick(layered.max_silence_duration_ms, vad.max_silence_duration_ms),
-            hangover_ms=_pick(layered.hangover_ms, vad.hangover_ms),
-            no_speech_timeout_ms=_pick(layered.no_speech_timeout_ms, config.session.no_speech_timeout_ms),
-            max_utterance_s=_pick(layered.max_utterance_s, config.session.max_utterance_s),
-            vad_engine=_pick(layered.vad_engine, vad.engine),
-        )
+        layered = _layer(self._config.devices.tuning.get(device_id), device.overrides)
+        return effective_tuning(self._config, layered, start)
 
     def _options(self, device_id: str, start: Start | None) -> SessionOptions:
         """The device's per-session options over the configured ``asr.lang`` / ``asr.prompt``."""
@@ -359,6 +343,30 @@ class SessionManager:
             await asyncio.wait(pending, timeout=timeout)
         for task in self._tasks:
             task.cancel()
+
+
+def effective_tuning(
+    config: Config, layered: EndpointingOverrides | None = None, start: Start | None = None
+) -> Configured:
+    """The endpointing a session runs with: ``config`` under per-device ``layered`` overrides and ``start``."""
+    vad = config.asr.vad
+    layered = layered or EndpointingOverrides()
+    threshold = _pick(layered.threshold, vad.threshold)
+    negative = layered.neg_threshold
+    if negative is None:
+        negative = vad.neg_threshold if layered.threshold is None and vad.neg_threshold is not None else None
+    return Configured(
+        endpointing=(start.endpointing if start and start.endpointing else None)
+        or _pick(layered.endpointing, config.session.endpointing),
+        threshold=threshold,
+        neg_threshold=negative if negative is not None else max(min(threshold, 0.95) - 0.15, 0.05),
+        min_speech_duration_ms=_pick(layered.min_speech_duration_ms, vad.min_speech_duration_ms),
+        max_silence_duration_ms=_pick(layered.max_silence_duration_ms, vad.max_silence_duration_ms),
+        hangover_ms=_pick(layered.hangover_ms, vad.hangover_ms),
+        no_speech_timeout_ms=_pick(layered.no_speech_timeout_ms, config.session.no_speech_timeout_ms),
+        max_utterance_s=_pick(layered.max_utterance_s, config.session.max_utterance_s),
+        vad_engine=_pick(layered.vad_engine, vad.engine),
+    )
 
 
 T = TypeVar("T")

@@ -7,20 +7,18 @@ import asyncio
 import numpy as np
 
 from firmware_protocol import (
-    Configured,
-    Endpointing,
     EndReason,
     SpeechEnded,
     Topics,
     Transcript,
-    VadEngine,
     decode_bridge_message,
 )
 from service.backends import Recognition, SessionOptions
 from service.backends.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
-from service.config import SessionConfig, VadConfig
+from service.config import Config, SessionConfig
 from service.publisher import DevicePublisher
 from service.session import Session, SessionServices
+from service.sessions import effective_tuning
 from service.vad import SileroModel, VadBatcher
 
 
@@ -59,18 +57,7 @@ async def _run_session(backend: TranscriptionBackend, audio: np.ndarray) -> list
         publisher=DevicePublisher(Topics(), publish, 1024),
         session=SessionConfig(),
     )
-    vad, limits = VadConfig(), SessionConfig()
-    tuning = Configured(
-        endpointing=Endpointing.SERVER_VAD,
-        threshold=vad.threshold,
-        neg_threshold=vad.effective_neg_threshold,
-        min_speech_duration_ms=vad.min_speech_duration_ms,
-        max_silence_duration_ms=vad.max_silence_duration_ms,
-        hangover_ms=vad.hangover_ms,
-        no_speech_timeout_ms=limits.no_speech_timeout_ms,
-        max_utterance_s=limits.max_utterance_s,
-        vad_engine=VadEngine.SILERO,
-    )
+    tuning = effective_tuning(Config())
     session = Session("dev", 1, services, tuning=tuning, options=SessionOptions())
     for i in range(0, len(audio), 320):
         session.push(audio[i : i + 320].tobytes())

@@ -12,6 +12,7 @@ from firmware_protocol import (
     Configure,
     Configured,
     Endpointing,
+    EndpointingOverrides,
     EndReason,
     Error,
     SpeechEnded,
@@ -21,10 +22,11 @@ from firmware_protocol import (
     decode_bridge_message,
 )
 from service.backends import SessionOptions
-from service.config import ConfigError, SessionConfig, VadConfig, parse_config
+from service.config import Config, ConfigError, SessionConfig, parse_config
 from service.device_sim import frames_of
 from service.publisher import DevicePublisher
 from service.session import Session, SessionServices
+from service.sessions import effective_tuning
 from service.vad import SileroModel, VadBatcher
 from service.vad_engines import GatedScorer, RemoteScorer, SileroScorer, VadEngines, WebrtcScorer
 from tests.conftest import BridgeProcess
@@ -154,18 +156,7 @@ async def test_remote_refused_or_dead_falls_back_to_silero(speech: dict, batcher
 
 
 def _tuning(endpointing: Endpointing, engine: VadEngine) -> Configured:
-    vad, limits = VadConfig(), SessionConfig()
-    return Configured(
-        endpointing=endpointing,
-        threshold=vad.threshold,
-        neg_threshold=vad.effective_neg_threshold,
-        min_speech_duration_ms=vad.min_speech_duration_ms,
-        max_silence_duration_ms=vad.max_silence_duration_ms,
-        hangover_ms=vad.hangover_ms,
-        no_speech_timeout_ms=limits.no_speech_timeout_ms,
-        max_utterance_s=limits.max_utterance_s,
-        vad_engine=engine,
-    )
+    return effective_tuning(Config(), EndpointingOverrides(endpointing=endpointing, vad_engine=engine))
 
 
 async def _session(
