@@ -89,10 +89,6 @@ class SessionManager:
     def active_sessions(self) -> int:
         return self._active
 
-    def device_stats(self, device_id: str) -> object | None:
-        device = self._devices.get(device_id)
-        return device.stream.stats if device else None
-
     # Read by metrics at scrape time -------------------------------------------------------------
 
     @property
