@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _lag import LagMonitor  # noqa: E402
+
 from service.audio_files import read_wav_16k_mono  # noqa: E402
 from service.backends import SessionOptions  # noqa: E402
 from service.backends.openai import OpenAIBackend, wav_bytes  # noqa: E402
@@ -53,28 +55,6 @@ class _Quiet:
 def pct(values: list[float]) -> dict[str, float]:
     arr = np.array(values) if values else np.zeros(1)
     return {q: float(np.percentile(arr, int(q[1:]))) for q in ("p50", "p95", "p99")} | {"max": float(arr.max())}
-
-
-class LagMonitor:
-    def __init__(self, interval_s: float = 0.005) -> None:
-        self.interval_s = interval_s
-        self.lags_ms: list[float] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            start = time.perf_counter()
-            await asyncio.sleep(self.interval_s)
-            self.lags_ms.append((time.perf_counter() - start - self.interval_s) * 1000)
-
-    def start(self) -> None:
-        self.lags_ms = []
-        self._task = asyncio.create_task(self._run())
-
-    def stop(self) -> list[float]:
-        assert self._task is not None
-        self._task.cancel()
-        return self.lags_ms
 
 
 async def round_ours(backend: OpenAIBackend, audio: np.ndarray, n: int) -> list[float]:

@@ -47,6 +47,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _lag import LagMonitor
+
 from service.audio_files import read_wav_16k_mono
 from service.vad import WINDOW, SileroModel, VadBatcher, VadStream, _score_batch
 
@@ -99,27 +101,6 @@ class HoldingBatcher(VadBatcher):
                     self._wakeup.set()
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-class LagMonitor:
-    def __init__(self, interval_s: float = 0.005) -> None:
-        self.interval_s = interval_s
-        self.lags_ms: list[float] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            start = time.perf_counter()
-            await asyncio.sleep(self.interval_s)
-            self.lags_ms.append((time.perf_counter() - start - self.interval_s) * 1000)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    def stop(self) -> list[float]:
-        if self._task is not None:
-            self._task.cancel()
-        return self.lags_ms
 
 
 def speech_pool() -> np.ndarray:
