@@ -336,7 +336,8 @@ def _check_mqtt(config: Config, report: Report) -> None:
     mqtt = config.mqtt
     url = urlsplit(mqtt.url)
     if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-        report("mqtt.url", f"expected mqtt://host[:port] or mqtts://host[:port], got {mqtt.url!r}")
+        shown = mqtt.url.replace(url.password, "***") if url.password else mqtt.url  # never echo a secret
+        report("mqtt.url", f"expected mqtt://host[:port] or mqtts://host[:port], got {shown!r}")
     if mqtt.ca_file and not Path(mqtt.ca_file).is_file():
         report("mqtt.ca_file", f"file not found: {mqtt.ca_file}")
     if not re.fullmatch(r"[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*", mqtt.topic_prefix):

@@ -146,3 +146,10 @@ def test_check_config_command_exits_non_zero_and_lists_problems(tmp_path: Path) 
         [sys.executable, "-m", "service.cli", "check-config", str(good)], capture_output=True, text=True
     )
     assert ok.returncode == 0 and "OK" in ok.stdout
+
+
+def test_a_password_in_a_bad_url_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config('[mqtt]\nurl = "http://bridge:hunter2@broker:1883"\n')
+    (problem,) = caught.value.problems
+    assert problem.field == "mqtt.url" and "hunter2" not in str(caught.value) and "***" in problem.message
