@@ -419,6 +419,13 @@ async def test_a_refused_connection_is_retried_then_unavailable_with_failover() 
     assert (error.code, error.retryable, error.failover) == (ErrorCode.BACKEND_UNAVAILABLE, True, True)
 
 
+async def test_batch_refused_connection_is_unavailable_not_a_timeout() -> None:
+    backend = ElevenLabsBackend(config(f"ws://127.0.0.1:{free_port()}", mode="batch", max_retries=0))
+    async with asyncio.timeout(15):
+        error = await failure(backend)
+    assert (error.code, error.retryable, error.failover) == (ErrorCode.BACKEND_UNAVAILABLE, True, True)
+
+
 # Drops, hangs, cancel -------------------------------------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ from service.backends.base import (
     StreamListener,
     TranscriptionBackend,
 )
-from service.backends.http import connection_failed, pooled_transport
+from service.backends.http import pooled_transport
 from service.backends.retry import RetryPolicy, retry_after_seconds
 from service.config import AsrConfig
 
@@ -212,11 +212,6 @@ class OpenAIBackend(TranscriptionBackend):
                 code=ErrorCode.BACKEND_TIMEOUT,
             ) from None
         except httpx.TimeoutException as exc:
-            if connection_failed(exc):
-                raise BackendError(
-                    f"openai ASR: connection to {self._host} failed: {type(exc.__cause__).__name__}",
-                    code=ErrorCode.BACKEND_UNAVAILABLE,
-                ) from None
             raise BackendError(
                 f"openai ASR: {type(exc).__name__} talking to {self._host}", code=ErrorCode.BACKEND_TIMEOUT
             ) from None
