@@ -43,6 +43,8 @@ from typing import Any, Literal
 import numpy as np
 from aiohttp import BodyPartReader, WSMsgType, web
 
+from tests.fakes._loopback import serve
+
 REALTIME_PATH = "/v1/speech-to-text/realtime"
 BATCH_PATH = "/v1/speech-to-text"
 AUDIO_FORMATS = {
@@ -227,11 +229,7 @@ class FakeElevenLabs:
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_get(REALTIME_PATH, self._realtime)
         app.router.add_post(BATCH_PATH, self._batch)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve(app, access_log=None, shutdown_timeout=1.0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

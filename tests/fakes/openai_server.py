@@ -29,6 +29,8 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from tests.fakes._loopback import serve
+
 PATH = "/v1/audio/transcriptions"
 MAX_CONTENT_BYTES = 26_214_400
 SUPPORTED_FORMATS = ["flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "wav", "webm"]
@@ -261,13 +263,7 @@ class FakeOpenAI:
         app.router.add_post(PATH, self._handle)
         # handler_cancellation: a client that hangs up cancels its handler, which is how a
         # hung request learns that it was abandoned.
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._runner, self.port = await serve(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
         return self
 
     async def __aexit__(

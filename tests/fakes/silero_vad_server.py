@@ -27,6 +27,8 @@ from types import TracebackType
 import numpy as np
 from aiohttp import WSMsgType, web
 
+from tests.fakes._loopback import serve
+
 REALTIME_PATH = "/v1/audio/realtime_vad"
 BATCH_PATH = "/v1/audio/vad"
 WINDOW = 512
@@ -106,13 +108,7 @@ class FakeSileroVadServer:
         app = web.Application(client_max_size=10 * 1024 * 1024)
         app.router.add_get(REALTIME_PATH, self._realtime)
         app.router.add_post(BATCH_PATH, self._batch)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._runner, self.port = await serve(app, self.port)
         return self
 
     async def __aexit__(
