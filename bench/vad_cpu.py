@@ -1,30 +1,29 @@
-"""Silero CPU cost per stream-second, batched as the bridge batches, at 1 to 500 concurrent streams.
+"""VAD CPU per stream-second for each local engine, at 1 to 500 concurrent streams.
 
-    .venv/bin/python bench/vad_cpu.py                       # about 4 minutes on 2 cores
-    .venv/bin/python bench/vad_cpu.py --streams 200 --modes paced --json bench/results/vad-cpu.json
+    .venv/bin/python bench/vad_cpu.py                       # about 3 minutes on 2 cores
+    .venv/bin/python bench/vad_cpu.py --streams 200 --engines silero --json bench/results/vad-cpu.json
 
-Every stream is one asyncio task that awaits :meth:`service.vad.VadBatcher.score` window by window
-(512 samples of real speech from ``tests/fixtures``, int16 / 32768 as the session converts them),
-so the batcher forms its batches exactly as it does in the bridge. Modes:
+Every stream is one asyncio task that scores 512-sample int16 windows of real speech (the
+fixtures under ``tests/``, pauses included) through the scorer a session would get from
+:meth:`service.vad_engines.VadEngines.scorer`, so Silero batches exactly as in the bridge.
+Windows fall due at real time (every 32 ms, each stream at its own random phase, as devices
+do). Engines (``--engines``):
 
-- **paced**: each stream's windows fall due at real time (every 32 ms, each stream at its own
-  random phase, as devices are), one ``VadBatcher``. This is the bridge's situation: a batch holds
-  whatever windows arrived while the previous batch ran.
-- **burst**: no pacing; every stream asks for its next window as soon as it has the last one, so
-  every batch holds one window of every stream. Wall time / audio time is the real-time factor.
-- **burst-b1**: the same with ``VadBatcher(max_batch=1)``: one ONNX call per window, as scoring
-  streams one by one would cost (up to ``--b1-max-streams``, it is slow).
-- **paced-holdN** (experiment, not the bridge's code): paced, with a batcher that waits N ms when
-  a wake-up finds fewer than 64 windows pending, so batches grow.
+- **silero**: the bridge's :class:`~service.vad.VadBatcher` (it holds a window up to 10 ms
+  when enough streams are active that a batch fills).
+- **silero-nohold**: the same batcher with ``hold_ms=0``: every window is scored as soon as the
+  VAD thread is free (the bridge before it held windows), for comparison in the same run.
+- **webrtc**: WebRTC's VAD inline on the loop, mode 3.
+- **webrtc+silero**: WebRTC gates Silero.
+- **none**: a scorer that answers 0 at once: what the harness itself costs (its timers and
+  tasks). ``vad`` = the engine's process CPU minus this baseline at the same stream count.
 
-Per run: process CPU time (all threads: the loop, the VAD thread and the bench's own per-stream
-timers) and the VAD thread's CPU time alone (Silero plus batch assembly), each / (streams x audio
-seconds) = ms of CPU per stream-second; the real-time factor; windows per ONNX call; in paced runs
-how late each score came back after its window was due (p99); "other" = cores used by other
-processes during the run (CPU time per window rises when the machine is shared). Then one more
-paced run at ``--lag-streams`` with a task sleeping 5 ms: the event-loop lag (it runs only there,
-because its own wake-ups cost CPU). Medians over ``--repeats``. Target from the issue: <= 2 ms CPU
-per stream-second at 200 streams.
+Per run: process CPU (all threads) / (streams x audio seconds) = ms CPU per stream-second; the
+same for the VAD thread alone (Silero and batch assembly); ``vad`` (see above); windows per ONNX
+run; how late scores came back after their window was due (p50/p99: the latency the batching
+adds); "other" = cores used by other processes during the run (CPU per window rises when the
+machine is shared: read it first). Medians over ``--repeats``. Target from the issue: <= 2 ms
+CPU per stream-second at 200 streams.
 """
 
 from __future__ import annotations
@@ -47,10 +46,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _lag import LagMonitor
 
+from firmware_protocol import VadEngine
 from service.audio_files import read_wav_16k_mono
-from service.vad import WINDOW, SileroModel, VadBatcher, VadStream, _score_batch
+from service.vad import WINDOW, SileroModel, VadBatcher, VadStream
+from service.vad_engines import VadEngines, VadScorer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,36 +71,17 @@ class CountingModel(SileroModel):
         return super().score(inputs, state)
 
 
-class HoldingBatcher(VadBatcher):
-    """Experiment, not the bridge's code: when a wake-up finds fewer than ``min_batch`` windows pending, wait
-    ``hold_s`` once so that the batch grows; otherwise :meth:`VadBatcher.run` as it is. Adds up to ``hold_s``
-    of latency to a window, and nothing when there is a backlog."""
+class NullScorer:
+    """Answers at once: the harness's own cost."""
 
-    def __init__(self, model: SileroModel, hold_s: float, min_batch: int = 64, max_batch: int = 512) -> None:
-        super().__init__(model, max_batch)
-        self._hold_s = hold_s
-        self._min_batch = min_batch
+    async def score(self, window: np.ndarray) -> float:
+        return 0.0
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                await self._wakeup.wait()
-                if len(self._pending) < self._min_batch:
-                    await asyncio.sleep(self._hold_s)
-                self._wakeup.clear()
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
-                batch = [item for item in batch if not item[2].cancelled()]
-                if batch:
-                    probs = await loop.run_in_executor(self._executor, _score_batch, self._model, batch)
-                    for (_, _, future), prob in zip(batch, probs, strict=True):
-                        if not future.done():
-                            future.set_result(prob)
-                if self._pending:
-                    self._wakeup.set()
-        finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+    async def aclose(self) -> None:
+        return None
+
+
+ENGINES = ("none", "silero", "silero-nohold", "webrtc", "webrtc+silero")
 
 
 def speech_pool() -> np.ndarray:
@@ -111,14 +92,22 @@ def speech_pool() -> np.ndarray:
     return pcm
 
 
-async def run(
-    model: CountingModel, pool: np.ndarray, streams: int, seconds: float, mode: str, lag: bool = False
-) -> dict[str, Any]:
-    """One run of ``streams`` concurrent streams of ``seconds`` of audio each."""
-    if mode.startswith("paced-hold"):
-        batcher: VadBatcher = HoldingBatcher(model, hold_s=int(mode.removeprefix("paced-hold")) / 1000)
-    else:
-        batcher = VadBatcher(model, max_batch=1 if mode == "burst-b1" else 512)
+def make_scorer(engine: str, model: CountingModel) -> tuple[VadBatcher, Any]:
+    """A fresh batcher (its own VAD thread) and a factory of per-stream scorers for ``engine``."""
+    batcher = VadBatcher(model, hold_ms=0.0) if engine == "silero-nohold" else VadBatcher(model)
+    engines = VadEngines(batcher, webrtc_mode=3)
+
+    def factory() -> VadScorer:
+        if engine == "none":
+            return NullScorer()
+        return engines.scorer(VadEngine(engine.removesuffix("-nohold")))
+
+    return batcher, factory
+
+
+async def run(model: CountingModel, pool: np.ndarray, streams: int, seconds: float, engine: str) -> dict[str, Any]:
+    """One run of ``streams`` concurrent paced streams of ``seconds`` of audio each."""
+    batcher, factory = make_scorer(engine, model)
     runner = asyncio.create_task(batcher.run())
     await batcher.score(VadStream(), np.zeros(WINDOW, dtype=np.float32))  # starts the VAD thread
     clock = time.pthread_getcpuclockid(model.thread)  # the batcher's thread, which just ran the model
@@ -126,80 +115,60 @@ async def run(
     rng = random.Random(streams)
     starts = [rng.randrange(0, len(pool) - windows * WINDOW) for _ in range(streams)]
     phases = [rng.uniform(0, WINDOW_S) for _ in range(streams)]
-    paced = mode.startswith("paced")
     late_ms: list[float] = []
 
     async def stream(index: int, t0: float) -> None:
-        state = VadStream()
+        scorer = factory()
         audio = pool[starts[index] : starts[index] + windows * WINDOW]
         for k in range(windows):
-            if paced:
-                due = t0 + phases[index] + (k + 1) * WINDOW_S
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            window = audio[k * WINDOW : (k + 1) * WINDOW]
-            await batcher.score(state, window.astype(np.float32) / 32768.0)
-            if paced:
-                late_ms.append((time.perf_counter() - due) * 1000)
+            due = t0 + phases[index] + (k + 1) * WINDOW_S
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await scorer.score(audio[k * WINDOW : (k + 1) * WINDOW])
+            late_ms.append((time.perf_counter() - due) * 1000)
+        await scorer.aclose()
 
-    monitor = LagMonitor()
     model.calls = model.windows = 0
     ticks0 = machine_ticks()
     cpu0, vad0, wall0 = time.process_time(), time.clock_gettime(clock), time.perf_counter()
-    if lag:  # the monitor's own wake-ups cost CPU (~35 ms/s here), so CPU runs go without it
-        monitor.start()
     await asyncio.gather(*(stream(i, wall0) for i in range(streams)))
-    lags = monitor.stop() if lag else []
     busy = busy_cores(ticks0, machine_ticks())
     cpu, vad, wall = time.process_time() - cpu0, time.clock_gettime(clock) - vad0, time.perf_counter() - wall0
     runner.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner
     stream_seconds = streams * windows * WINDOW_S
-    result = {
-        "mode": mode + ("+lag" if lag else ""),
+    return {
+        "engine": engine,
         "streams": streams,
         "audio_s": windows * WINDOW_S,
         "wall_s": wall,
-        "rtf": wall / (windows * WINDOW_S),
         "cpu_ms_per_stream_s": cpu * 1000 / stream_seconds,
         "vad_thread_ms_per_stream_s": vad * 1000 / stream_seconds,
         "cpu_cores": cpu / wall,
         "other_cores": max(0.0, busy - cpu / wall),
-        "windows_per_call": model.windows / max(model.calls, 1),
-        "onnx_calls": model.calls,
-        "loop_lag_ms": {
-            "p50": float(np.percentile(lags, 50)) if lags else 0.0,
-            "p99": float(np.percentile(lags, 99)) if lags else 0.0,
-            "max": max(lags) if lags else 0.0,
-        },
+        "windows_per_run": model.windows / model.calls if model.calls else 0.0,
+        "onnx_runs": model.calls,
+        "late_ms": {"p50": float(np.percentile(late_ms, 50)), "p99": float(np.percentile(late_ms, 99))},
     }
-    if paced:
-        result["late_ms"] = {"p50": float(np.percentile(late_ms, 50)), "p99": float(np.percentile(late_ms, 99))}
-    return result
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     def med(get: Any) -> float:
         return statistics.median(get(r) for r in runs)
 
-    summary = {
-        "mode": runs[0]["mode"],
+    return {
+        "engine": runs[0]["engine"],
         "streams": runs[0]["streams"],
         "cpu_ms_per_stream_s": med(lambda r: r["cpu_ms_per_stream_s"]),
         "vad_thread_ms_per_stream_s": med(lambda r: r["vad_thread_ms_per_stream_s"]),
-        "rtf": med(lambda r: r["rtf"]),
         "cpu_cores": med(lambda r: r["cpu_cores"]),
         "other_cores": med(lambda r: r["other_cores"]),
-        "windows_per_call": med(lambda r: r["windows_per_call"]),
-        "loop_lag_p50_ms": med(lambda r: r["loop_lag_ms"]["p50"]),
-        "loop_lag_p99_ms": med(lambda r: r["loop_lag_ms"]["p99"]),
-        "loop_lag_max_ms": med(lambda r: r["loop_lag_ms"]["max"]),
+        "windows_per_run": med(lambda r: r["windows_per_run"]),
+        "late_p50_ms": med(lambda r: r["late_ms"]["p50"]),
+        "late_p99_ms": med(lambda r: r["late_ms"]["p99"]),
     }
-    if "late_ms" in runs[0]:
-        summary["late_p99_ms"] = med(lambda r: r["late_ms"]["p99"])
-    return summary
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -224,38 +193,32 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     model = CountingModel()
     pool = speech_pool()
     counts = [int(n) for n in args.streams.split(",")]
+    engines = ["none", *(e for e in args.engines.split(",") if e != "none")]
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        raise SystemExit(f"unknown engine(s) {sorted(unknown)}; known: {', '.join(ENGINES)}")
     results: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
     print(
-        f"{'mode':<9} {'streams':>7} {'cpu ms/stream-s':>15} {'vad thread':>10} {'RTF':>6} {'cores':>5} "
-        f"{'win/call':>8} {'late p99':>8} {'other':>5}"
+        f"{'engine':<14} {'streams':>7} {'process':>8} {'vad':>6} {'thread':>6} {'cores':>5} "
+        f"{'win/run':>7} {'late p50':>8} {'p99':>6} {'other':>5}   (CPU ms per stream-second; late in ms)"
     )
-    for mode in args.modes.split(","):
-        for n in counts:
-            if mode == "burst-b1" and n > args.b1_max_streams:
-                continue
-            runs = [await run(model, pool, n, args.seconds, mode) for _ in range(args.repeats)]
+    for n in counts:
+        baseline = 0.0
+        for engine in engines:
+            runs = [await run(model, pool, n, args.seconds, engine) for _ in range(args.repeats)]
             results.extend(runs)
             s = median_of(runs)
+            if engine == "none":
+                baseline = s["cpu_ms_per_stream_s"]
+            s["vad_ms_per_stream_s"] = max(0.0, s["cpu_ms_per_stream_s"] - baseline)
             summaries.append(s)
-            late = f"{s['late_p99_ms']:8.1f}" if "late_p99_ms" in s else f"{'-':>8}"
             print(
-                f"{mode:<9} {n:>7} {s['cpu_ms_per_stream_s']:>15.3f} {s['vad_thread_ms_per_stream_s']:>10.3f} "
-                f"{s['rtf']:>6.3f} {s['cpu_cores']:>5.2f} {s['windows_per_call']:>8.1f} {late} "
-                f"{s['other_cores']:>5.2f}",
+                f"{engine:<14} {n:>7} {s['cpu_ms_per_stream_s']:>8.3f} {s['vad_ms_per_stream_s']:>6.3f} "
+                f"{s['vad_thread_ms_per_stream_s']:>6.3f} {s['cpu_cores']:>5.2f} {s['windows_per_run']:>7.1f} "
+                f"{s['late_p50_ms']:>8.2f} {s['late_p99_ms']:>6.1f} {s['other_cores']:>5.2f}",
                 flush=True,
             )
-    if args.lag_streams:
-        runs = [await run(model, pool, args.lag_streams, args.seconds, "paced", lag=True) for _ in range(args.repeats)]
-        results.extend(runs)
-        s = median_of(runs)
-        summaries.append(s)
-        print(
-            f"event-loop lag with {args.lag_streams} paced streams (a task sleeping 5 ms; medians of {args.repeats} "
-            f"runs): p50 {s['loop_lag_p50_ms']:.2f} ms, p99 {s['loop_lag_p99_ms']:.2f} ms, max "
-            f"{s['loop_lag_max_ms']:.1f} ms; windows per call {s['windows_per_call']:.1f}; score late p99 "
-            f"{s['late_p99_ms']:.1f} ms; other work {s['other_cores']:.2f} cores"
-        )
     return {"runs": results, "summary": summaries}
 
 
@@ -263,18 +226,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", default="1,50,200,500", help="comma-separated stream counts")
     parser.add_argument("--seconds", type=float, default=4.0, help="audio per stream and run")
-    parser.add_argument(
-        "--b1-max-streams", type=int, default=200, help="burst-b1 only up to this many streams (it is slow)"
-    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--modes",
-        default="paced,burst,burst-b1,paced-hold10",
-        help="paced, burst, burst-b1 (batch size 1), paced-holdN (experiment: the batcher waits N ms per batch)",
+        "--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)} (none always runs)"
     )
     parser.add_argument("--target-ms", type=float, default=2.0, help="CPU ms per stream-second at --target-streams")
     parser.add_argument("--target-streams", type=int, default=200)
-    parser.add_argument("--lag-streams", type=int, default=200, help="paced streams for the loop-lag run (0: none)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -284,12 +241,12 @@ def main() -> int:
     out = asyncio.run(main_async(args))
     print(f"total {time.perf_counter() - began:.0f} s")
     for s in out["summary"]:
-        if s["mode"] == "paced" and s["streams"] == args.target_streams:
-            verdict = "met" if s["cpu_ms_per_stream_s"] <= args.target_ms else "NOT met"
+        if s["engine"] == "silero" and s["streams"] == args.target_streams:
+            verdict = "met" if s["vad_ms_per_stream_s"] <= args.target_ms else "NOT met"
             print(
-                f"target: <= {args.target_ms:g} ms CPU per stream-second at {args.target_streams} streams (paced, "
-                f"whole process): {s['cpu_ms_per_stream_s']:.3f} ms -> {verdict}; VAD thread alone "
-                f"{s['vad_thread_ms_per_stream_s']:.3f} ms"
+                f"target: <= {args.target_ms:g} ms CPU per stream-second at {args.target_streams} streams (silero, "
+                f"process minus harness): {s['vad_ms_per_stream_s']:.3f} ms -> {verdict}; whole process "
+                f"{s['cpu_ms_per_stream_s']:.3f} ms, VAD thread alone {s['vad_thread_ms_per_stream_s']:.3f} ms"
             )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ Per setting:
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import itertools
 import json
 import sys
@@ -42,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from firmware_protocol import EndReason
+from firmware_protocol import EndReason, VadEngine
 from service.audio_files import read_wav_16k_mono
 from service.config import VadConfig
 from service.vad import (
@@ -53,9 +55,11 @@ from service.vad import (
     SpeechPause,
     SpeechStart,
     TurnEnd,
+    VadBatcher,
     VadStream,
     _score_batch,
 )
+from service.vad_engines import VadEngines
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SET = REPO / "tests" / "fixtures" / "vad_set"
@@ -102,6 +106,7 @@ class Clip:
     pauses: list[dict[str, int]]
     noise: dict[str, Any] | None
     probs: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    audio: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, dtype=np.int16))
 
     @property
     def true_start(self) -> int:
@@ -139,8 +144,9 @@ def load_set(path: Path, tail_ms: int) -> list[Clip]:
         tail_from = (clip.true_end + 60) * 16 if clip.segments else 0
         audio.append(extend(pcm, tail_from, tail_ms * 16))
         clips.append(clip)
-    for clip, probs in zip(clips, score_lockstep(audio), strict=True):
+    for clip, pcm, probs in zip(clips, audio, score_lockstep(audio), strict=True):
         clip.probs = probs
+        clip.audio = pcm
     return clips
 
 
@@ -156,6 +162,27 @@ def score_lockstep(audio: list[np.ndarray]) -> list[np.ndarray]:
         for i, p in zip(live, _score_batch(model, batch), strict=True):  # type: ignore[arg-type]
             out[i][k] = p
     return out
+
+
+async def score_engine(engine: str, audio: list[np.ndarray]) -> list[np.ndarray]:
+    """Probabilities of every clip from the scorer a session gets for ``engine`` (``webrtc:1`` = mode 1)."""
+    name, _, mode = engine.partition(":")
+    batcher = VadBatcher(SileroModel())
+    runner = asyncio.create_task(batcher.run())
+    engines = VadEngines(batcher)
+
+    async def one(pcm: np.ndarray) -> np.ndarray:
+        scorer = engines.scorer(VadEngine(name), webrtc_mode=int(mode) if mode else None)
+        probs = [await scorer.score(pcm[k * WINDOW : (k + 1) * WINDOW]) for k in range(len(pcm) // WINDOW)]
+        await scorer.aclose()
+        return np.array(probs, dtype=np.float32)
+
+    try:
+        return list(await asyncio.gather(*(one(pcm) for pcm in audio)))
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
 
 
 def make_config(setting: dict[str, Any]) -> VadConfig:
@@ -396,7 +423,7 @@ def row(name: str, s: dict[str, Any]) -> str:
     fin = s["final_p95_ms_by_backend_latency"]
     clipped = f"{s['tail_clipped']['n']}/{s['tail_clipped']['max_ms']}"
     return (
-        f"{name:<14} {label(s['setting']):<52} {f(d['p50']):>5} {f(d['p95']):>5} {f(d['max']):>5} "
+        f"{name:<22} {label(s['setting']):<52} {f(d['p50']):>5} {f(d['p95']):>5} {f(d['max']):>5} "
         f"{s['cutoffs']:>4}  {cuts:<19} {trial:<9} {n['triggers']:>4} {n['speech_starts']:>6} {s['missed']:>6} "
         f"{s['speculations_per_turn']:>5.2f} {f(fin['300']):>6} {f(fin['800']):>6} {clipped:>6}"
     )
@@ -411,7 +438,7 @@ spec: speculative recognitions per turn; fin300/fin800: p95 true end -> final wi
 (the speculation started at the last pause); tail: commits whose audio misses the last sound (count/max ms)"""
 
 HEADER = (
-    f"{'name':<14} {'setting':<52} {'p50':>5} {'p95':>5} {'max':>5} {'cuts':>4}  {'cut/reached 300..600':<19} "
+    f"{'name':<22} {'setting':<52} {'p50':>5} {'p95':>5} {'max':>5} {'cuts':>4}  {'cut/reached 300..600':<19} "
     f"{'each/6':<9} {'trig':>4} {'starts':>6} {'missed':>6} {'spec':>5} {'fin300':>6} {'fin800':>6} {'tail':>6}"
 )
 
@@ -423,6 +450,11 @@ def main() -> int:
     parser.add_argument("--no-speech-timeout-ms", type=int, default=3000, help="[session] no_speech_timeout_ms")
     parser.add_argument("--target-p95-ms", type=float, default=500.0)
     parser.add_argument("--top", type=int, default=10, help="grid settings shown (the JSON has all)")
+    parser.add_argument(
+        "--engines",
+        default="webrtc:3,webrtc:1,webrtc+silero:3",
+        help="engines besides silero to run the named settings on (engine[:webrtc_mode]); '' for none",
+    )
     parser.add_argument("--json", type=Path, help="write every number here")
     args = parser.parse_args()
 
@@ -495,6 +527,19 @@ def main() -> int:
     print(f"-- best {args.top} with p95 <= {args.target_p95_ms:g} ms, acceptable --")
     for s in sorted(fast, key=rank)[: args.top]:
         print(row("", s))
+    by_engine: dict[str, dict[str, Any]] = {}
+    if args.engines:
+        print("-- the named settings on the other local engines (Silero above) --")
+        silero_probs = [c.probs for c in clips]
+        for engine in args.engines.split(","):
+            for clip, probs in zip(clips, asyncio.run(score_engine(engine, [c.audio for c in clips])), strict=True):
+                clip.probs = probs
+            by_engine[engine] = {}
+            for name in ("echokit", "ours-safe"):
+                by_engine[engine][name] = evaluate(clips, NAMED[name], args.no_speech_timeout_ms, detail=True)
+                print(row(f"{engine} {name}", by_engine[engine][name]))
+        for clip, probs in zip(clips, silero_probs, strict=True):
+            clip.probs = probs
     print()
     print(
         f"targets: echokit p95 <= 700 ms: {reference['delay_ms']['p95']:.0f} ms -> "
@@ -519,13 +564,14 @@ def main() -> int:
             "no_speech_timeout_ms": args.no_speech_timeout_ms,
             "clips": [
                 {
-                    **{k: v for k, v in asdict(c).items() if k != "probs"},
+                    **{k: v for k, v in asdict(c).items() if k not in ("probs", "audio")},
                     "max_prob": float(c.probs.max()),
                     "probs": [round(float(p), 3) for p in c.probs],
                 }
                 for c in clips
             ],
             "named": named,
+            "engines": by_engine,
             "best": best,
             "pareto": front,
             "pareto_timing_only": timing_only,

@@ -78,6 +78,8 @@ class Cancel(_Message, tag="cancel"):
 
 Millis = Annotated[int, msgspec.Meta(ge=0, le=60_000)]
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+WebrtcMode = Annotated[int, msgspec.Meta(ge=0, le=3)]
+"""WebRTC VAD aggressiveness: 0 keeps the most audio as speech, 3 filters the most."""
 
 
 class EndpointingOverrides(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -92,6 +94,8 @@ class EndpointingOverrides(msgspec.Struct, kw_only=True, omit_defaults=True):
     no_speech_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] | None = None
     max_utterance_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
     vad_engine: VadEngine | None = None
+    webrtc_mode: WebrtcMode | None = None
+    """Used by the ``webrtc`` and ``webrtc+silero`` engines; the others ignore it."""
 
 
 class Configure(_Message, EndpointingOverrides, tag="configure"):
@@ -172,6 +176,7 @@ class Configured(_Message, tag="configured"):
     no_speech_timeout_ms: int
     max_utterance_s: float
     vad_engine: VadEngine
+    webrtc_mode: int
 
 
 BridgeMessage = Listening | SpeechStarted | SpeechEnded | Transcript | Error | BridgeStatus | Configured

@@ -124,7 +124,7 @@ class Bridge:
             self.metrics.watch(
                 sessions=self.sessions,
                 link=self.link,
-                vad=self.vad,
+                vad=self.vad_engines,
                 failovers=lambda: int(getattr(chain, "failovers", 0)),  # a FailoverBackend counts them
             )
             host, port = config.metrics.address

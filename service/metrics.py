@@ -4,7 +4,8 @@ Each :class:`Bridge` owns a :class:`BridgeMetrics` with a private registry, so s
 (tests) can run in one process. Two kinds of metric:
 
 * **Read at scrape time** (:class:`_BridgeCollector`): counters the components already keep as
-  plain ints (``FleetStats``, per-device ``StreamStats``, ``LinkStats``, ``FailoverBackend``) and
+  plain ints (``FleetStats``, per-device ``StreamStats``, ``LinkStats``, ``FailoverBackend``,
+  ``VadBatcher``, the VAD engines' ``VadCounts``) and
   gauges of state (active sessions, queue depths, broker connection). The audio path pays
   nothing for them: no metric object is touched per frame.
 * **Observed where they happen**: histograms of latencies, once per utterance or backend
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
     from service.mqtt import MqttLink
     from service.sessions import SessionManager
-    from service.vad import VadBatcher
+    from service.vad_engines import VadEngines
 
 PREFIX = "echokit_bridge"
 
@@ -152,7 +153,7 @@ class BridgeMetrics:
         *,
         sessions: SessionManager,
         link: MqttLink,
-        vad: VadBatcher,
+        vad: VadEngines,
         failovers: Callable[[], int],
     ) -> None:
         """Export what these components count themselves, read at scrape time."""
@@ -175,10 +176,11 @@ class BridgeMetrics:
 class _BridgeCollector(Collector):
     """Reads the components' own counters when Prometheus scrapes; costs nothing in between."""
 
-    def __init__(self, sessions: SessionManager, link: MqttLink, vad: VadBatcher, failovers: Callable[[], int]) -> None:
+    def __init__(self, sessions: SessionManager, link: MqttLink, vad: VadEngines, failovers: Callable[[], int]) -> None:
         self._sessions = sessions
         self._link = link
-        self._vad = vad
+        self._vad = vad.batcher
+        self._vad_counts = vad.counts
         self._failovers = failovers
 
     def collect(self) -> Iterator[Metric]:
@@ -210,6 +212,7 @@ class _BridgeCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_vad_pending_windows", "VAD windows waiting for the next batched Silero run.", self._vad.pending
         )
+        yield from self._vad_engines()
         yield GaugeMetricFamily(
             f"{PREFIX}_mqtt_connected", "1 while connected to the broker.", int(self._link.connected.is_set())
         )
@@ -225,6 +228,34 @@ class _BridgeCollector(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}_backend_failovers_total", "Utterances handed to the next [[asr.fallback]].", self._failovers()
         )
+
+    def _vad_engines(self) -> Iterator[Metric]:
+        counts = self._vad_counts
+        windows = CounterMetricFamily(
+            f"{PREFIX}_vad_windows_total",
+            "32 ms windows scored for server-VAD endpointing, by the engine that scored them"
+            " (a remote session that fell back to Silero counts under silero).",
+            labels=["engine"],
+        )
+        for engine, count in counts.windows().items():  # every engine, at 0 until used
+            windows.add_metric([engine.value], count)
+        yield windows
+        yield CounterMetricFamily(
+            f"{PREFIX}_vad_gate_skipped_windows_total",
+            "webrtc+silero windows in which WebRTC heard no speech: scored 0 without a Silero call.",
+            counts.gate_skipped,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_vad_remote_fallbacks_total",
+            "Remote VAD sessions switched to local Silero (connection refused, an error, a closed socket).",
+            counts.remote_fallbacks,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_vad_silero_windows_total",
+            "Windows Silero scored, all engines (per ONNX run: divide by vad_silero_runs_total).",
+            self._vad.windows,
+        )
+        yield CounterMetricFamily(f"{PREFIX}_vad_silero_runs_total", "Batched Silero ONNX runs.", self._vad.runs)
 
 
 # Backend requests ---------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ class Session:
         self._endpointer = self._make_endpointer()
         self._engines = services.engines or VadEngines(services.vad)
         self._scorer: VadScorer | None = None
-        """Built from ``tuning.vad_engine`` with the first window (a remote engine opens its socket then)."""
+        """Built from ``tuning`` with the first window (a remote engine opens its socket then)."""
         self._heard: list[np.ndarray] = []
         """Without server VAD and with ``asr.vad_url`` set: the turn's audio, for the legacy batch check."""
         self._vad_pending = np.zeros(0, dtype=np.int16)
@@ -269,7 +269,8 @@ class Session:
             taken += WINDOW
             self._stream.feed(window)
             if self._scorer is None:
-                self._scorer = self._engines.scorer(self.tuning.vad_engine, self.device_id)
+                t = self.tuning
+                self._scorer = self._engines.scorer(t.vad_engine, self.device_id, webrtc_mode=t.webrtc_mode)
             probability = await self._scorer.score(window)
             for event in self._endpointer.update(probability):
                 if isinstance(event, SpeechStart):

@@ -362,6 +362,7 @@ def effective_tuning(
         no_speech_timeout_ms=_pick(layered.no_speech_timeout_ms, config.session.no_speech_timeout_ms),
         max_utterance_s=_pick(layered.max_utterance_s, config.session.max_utterance_s),
         vad_engine=_pick(layered.vad_engine, vad.engine),
+        webrtc_mode=_pick(layered.webrtc_mode, vad.webrtc_mode),
     )
 
 

@@ -5,7 +5,8 @@ a session asks its :class:`VadScorer` for one probability per window and nothing
 
 - ``silero``: Silero in process, batched across streams by :class:`~service.vad.VadBatcher` (off the loop).
 - ``webrtc``: WebRTC's VAD (``webrtcvad``), inline: microseconds per window. The probability is
-  the fraction of the 10 ms frames in the window it judged speech.
+  the fraction of the 10 ms frames in the window it judged speech; its aggressiveness
+  (``webrtc_mode``) is per device, like the engine.
 - ``webrtc+silero``: WebRTC as a gate in front of Silero. A window in which WebRTC hears no speech
   at all scores 0 without a Silero call; the others go to Silero.
 - ``remote``: EchoKit's silero_vad_server over its realtime WebSocket: ``speech_start`` /
@@ -23,6 +24,7 @@ import contextlib
 import io
 import json
 import wave
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
@@ -41,6 +43,33 @@ log = structlog.get_logger(__name__)
 WEBRTC_FRAME = 160  # samples: 10 ms, one of the frame sizes WebRTC's VAD accepts at 16 kHz
 
 
+@dataclass(slots=True)
+class VadCounts:
+    """What the engines did since start: plain ints the scorers bump on the event loop, read by metrics.
+
+    A window counts once, under the engine that scored it: a ``remote`` session that fell back
+    counts under ``silero`` from then on, and the Silero calls behind the WebRTC gate are not
+    counted again (:attr:`VadBatcher.windows <service.vad.VadBatcher.windows>` has every Silero window).
+    """
+
+    silero: int = 0
+    webrtc: int = 0
+    webrtc_silero: int = 0
+    remote: int = 0
+    gate_skipped: int = 0
+    """``webrtc+silero`` windows WebRTC heard no speech in: scored 0 without a Silero call."""
+    remote_fallbacks: int = 0
+    """``remote`` sessions switched to local Silero (refused, an error message, a closed socket)."""
+
+    def windows(self) -> dict[VadEngine, int]:
+        return {
+            VadEngine.SILERO: self.silero,
+            VadEngine.WEBRTC: self.webrtc,
+            VadEngine.WEBRTC_SILERO: self.webrtc_silero,
+            VadEngine.REMOTE: self.remote,
+        }
+
+
 class VadScorer(Protocol):
     """One session's engine: a speech probability per 512-sample int16 window, in order."""
 
@@ -50,15 +79,21 @@ class VadScorer(Protocol):
 
 
 class SileroScorer:
-    """Silero through the shared batcher; this stream's recurrent state lives here."""
+    """Silero through the shared batcher; this stream's recurrent state lives here.
 
-    def __init__(self, batcher: VadBatcher) -> None:
+    ``counts`` is ``None`` behind the WebRTC gate, which counts its windows itself.
+    """
+
+    def __init__(self, batcher: VadBatcher, counts: VadCounts | None = None) -> None:
         self._batcher = batcher
+        self._counts = counts
         self.stream = VadStream()
         self.calls = 0
 
     async def score(self, window: np.ndarray) -> float:
         self.calls += 1
+        if self._counts is not None:
+            self._counts.silero += 1
         return await self._batcher.score(self.stream, window.astype(np.float32) / 32768.0)
 
     def restart(self, context: np.ndarray) -> None:
@@ -71,10 +106,15 @@ class SileroScorer:
 
 
 class WebrtcScorer:
-    """Fraction of the 10 ms frames WebRTC's VAD judges speech; samples past the last whole frame carry over."""
+    """Fraction of the 10 ms frames WebRTC's VAD judges speech; samples past the last whole frame carry over.
 
-    def __init__(self, mode: int) -> None:
+    Windows are counted by :meth:`score` only: as the gate, it is called through :meth:`score_now`.
+    """
+
+    def __init__(self, mode: int, counts: VadCounts | None = None) -> None:
+        self.mode = mode
         self._vad = webrtcvad.Vad(mode)
+        self._counts = counts
         self._carry = np.zeros(0, dtype=np.int16)
 
     def score_now(self, window: np.ndarray) -> float:
@@ -89,6 +129,8 @@ class WebrtcScorer:
         return voiced / frames
 
     async def score(self, window: np.ndarray) -> float:
+        if self._counts is not None:
+            self._counts.webrtc += 1
         return self.score_now(window)
 
     async def aclose(self) -> None:
@@ -104,9 +146,10 @@ class GatedScorer:
     context so the next window continues the real signal.
     """
 
-    def __init__(self, gate: WebrtcScorer, silero: SileroScorer) -> None:
-        self._gate = gate
+    def __init__(self, gate: WebrtcScorer, silero: SileroScorer, counts: VadCounts | None = None) -> None:
+        self.gate = gate
         self._silero = silero
+        self._counts = counts
         self._gated: np.ndarray | None = None
         self.skipped = 0
 
@@ -115,9 +158,14 @@ class GatedScorer:
         return self._silero.calls
 
     async def score(self, window: np.ndarray) -> float:
-        if self._gate.score_now(window) == 0.0:
+        counts = self._counts
+        if counts is not None:
+            counts.webrtc_silero += 1
+        if self.gate.score_now(window) == 0.0:
             self._gated = window
             self.skipped += 1
+            if counts is not None:
+                counts.gate_skipped += 1
             return 0.0
         if self._gated is not None:
             self._silero.restart(self._gated)
@@ -134,12 +182,22 @@ class RemoteScorer:
     Windows go out as binary PCM s16le (512 samples = 1024 bytes, the least the server handles).
     Events come back asynchronously, so each window is scored with the latest state: 1.0 after
     ``speech_start``, 0.0 after ``speech_end`` (and before any event). A refused connection, an
-    ``{"error": ...}`` message or a closed socket switches the session to local Silero.
+    ``{"error": ...}`` message or a closed socket switches the session to local Silero, whose
+    windows the fallback counts under ``silero``.
     """
 
-    def __init__(self, url: str, fallback: SileroScorer, *, connect_timeout_s: float, device: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        fallback: SileroScorer,
+        *,
+        connect_timeout_s: float,
+        device: str = "",
+        counts: VadCounts | None = None,
+    ) -> None:
         self._url = url
         self._fallback = fallback
+        self._counts = counts
         self._connect_timeout_s = connect_timeout_s
         self._log = log.bind(device=device) if device else log
         self._ws: ClientConnection | None = None
@@ -163,6 +221,8 @@ class RemoteScorer:
                 self._fail(f"{type(exc).__name__}: {exc}")
         if self.failed is not None:
             return await self._fallback.score(window)
+        if self._counts is not None:
+            self._counts.remote += 1
         return 1.0 if self._speaking else 0.0
 
     async def _read(self, ws: ClientConnection) -> None:
@@ -198,6 +258,8 @@ class RemoteScorer:
             return
         self.failed = reason
         self._speaking = False
+        if self._counts is not None:
+            self._counts.remote_fallbacks += 1
         self._log.warning("vad.remote_failed", url=self._url, reason=reason[:200], fallback="silero")
 
     async def aclose(self) -> None:
@@ -256,7 +318,7 @@ class BatchVadCheck:
 
 
 class VadEngines:
-    """Builds each session's scorer from its tuning; holds what the engines share (the Silero batcher)."""
+    """Builds each session's scorer from its tuning; holds what the engines share (the Silero batcher, the counts)."""
 
     def __init__(
         self,
@@ -270,6 +332,8 @@ class VadEngines:
     ) -> None:
         self.batcher = batcher
         self.webrtc_mode = webrtc_mode
+        """``asr.vad.webrtc_mode``: for scorers built without a session's tuning (benchmarks)."""
+        self.counts = VadCounts()
         self.realtime_url = realtime_url
         self.connect_timeout_s = connect_timeout_s
         self.batch_check = (
@@ -287,16 +351,23 @@ class VadEngines:
             timeout_s=asr.timeout_s,
         )
 
-    def scorer(self, engine: VadEngine, device: str = "") -> VadScorer:
+    def scorer(self, engine: VadEngine, device: str = "", *, webrtc_mode: int | None = None) -> VadScorer:
+        """A session's scorer; ``webrtc_mode`` is the session's (per-device tuning), else the config's."""
+        counts = self.counts
+        mode = self.webrtc_mode if webrtc_mode is None else webrtc_mode
         if engine is VadEngine.WEBRTC:
-            return WebrtcScorer(self.webrtc_mode)
+            return WebrtcScorer(mode, counts)
         if engine is VadEngine.WEBRTC_SILERO:
-            return GatedScorer(WebrtcScorer(self.webrtc_mode), SileroScorer(self.batcher))
+            return GatedScorer(WebrtcScorer(mode), SileroScorer(self.batcher), counts)
         if engine is VadEngine.REMOTE and self.realtime_url:
             return RemoteScorer(
-                self.realtime_url, SileroScorer(self.batcher), connect_timeout_s=self.connect_timeout_s, device=device
+                self.realtime_url,
+                SileroScorer(self.batcher, counts),
+                connect_timeout_s=self.connect_timeout_s,
+                device=device,
+                counts=counts,
             )
-        return SileroScorer(self.batcher)
+        return SileroScorer(self.batcher, counts)
 
     async def aclose(self) -> None:
         if self.batch_check is not None:

@@ -298,8 +298,15 @@ def message_vectors() -> dict[str, tuple[bytes, dict[str, Any]]]:
             "configure with reset: back to the bridge's config, then push-to-talk",
             Configure(reset=True, endpointing=Endpointing.PUSH_TO_TALK),
         ),
+        "device_configure_webrtc": device(
+            "configure: WebRTC's VAD for this device, at its most lenient aggressiveness",
+            Configure(vad_engine=VadEngine.WEBRTC, webrtc_mode=0),
+        ),
         "device_invalid_configure_range": raw_device(
             "configure with a negative hangover", b'{"type":"configure","hangover_ms":-5}'
+        ),
+        "device_invalid_configure_webrtc_mode": raw_device(
+            "configure with a WebRTC aggressiveness out of 0..3", b'{"type":"configure","webrtc_mode":7}'
         ),
         "device_start_firmware_style": raw_device(
             "start as a firmware might write it: other key order, spaces, an unknown field (ignored)",
@@ -381,6 +388,7 @@ def message_vectors() -> dict[str, tuple[bytes, dict[str, Any]]]:
                 no_speech_timeout_ms=3000,
                 max_utterance_s=30.0,
                 vad_engine=VadEngine.SILERO,
+                webrtc_mode=3,
             ),
         ),
         "bridge_status_online": bridge(

@@ -153,3 +153,16 @@ def test_a_password_in_a_bad_url_is_not_echoed() -> None:
         parse_config('[mqtt]\nurl = "http://bridge:hunter2@broker:1883"\n')
     (problem,) = caught.value.problems
     assert problem.field == "mqtt.url" and "hunter2" not in str(caught.value) and "***" in problem.message
+
+
+def test_a_devices_table_is_checked_with_its_lines(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text('[asr.vad]\nwebrtc_mode = 2\n\n[devices.garage]\nvad_engine = "webrtc"\nwebrtc_mode = 7\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    (problem,) = caught.value.problems
+    assert (problem.field, problem.line) == ("devices.garage.webrtc_mode", 6) and "<= 3" in problem.message
+    assert str(problem).startswith(f"{path}:6: devices.garage.webrtc_mode: ")
+    path.write_text(path.read_text().replace("webrtc_mode = 7", "webrtc_mode = 0"))
+    config = load_config(path)
+    assert config.devices.tuning["garage"].webrtc_mode == 0 and config.asr.vad.webrtc_mode == 2

@@ -83,3 +83,46 @@ async def test_silero_batched_matches_single_stream_and_separates_speech_from_no
     # what_time's speech runs 720–1440 ms: silent before, voiced inside.
     assert max(scores["what_time"][: 600 // 32]) < 0.35
     assert np.mean(np.array(scores["what_time"][800 // 32 : 1400 // 32]) > 0.5) > 0.8
+
+
+async def _scored_with(batcher: VadBatcher, windows: int, stream: VadStream | None = None) -> list[float]:
+    stream = stream or VadStream()
+    silence = np.zeros(WINDOW, dtype=np.float32)
+    return [await batcher.score(stream, silence) for _ in range(windows)]
+
+
+async def test_batcher_does_not_hold_windows_of_a_lone_stream() -> None:
+    # An hour's hold: were a lone stream's windows held, this would time out.
+    batcher = VadBatcher(SileroModel(), hold_ms=3_600_000)
+    runner = asyncio.create_task(batcher.run())
+    async with asyncio.timeout(10):
+        assert len(await _scored_with(batcher, 5)) == 5
+    runner.cancel()
+    assert (batcher.runs, batcher.windows) == (5, 5)
+
+
+async def test_batcher_holds_windows_into_one_run_when_streams_arrive_fast() -> None:
+    # min_expected=1 with a 1 s hold: from 1 window/s on, a window waits for others.
+    batcher = VadBatcher(SileroModel(), hold_ms=1000, min_batch=64, min_expected=1)
+    runner = asyncio.create_task(batcher.run())
+    async with asyncio.timeout(20):
+        await asyncio.gather(*(_scored_with(batcher, 1) for _ in range(3)))  # full rate measured from here
+        await asyncio.sleep(0.06)
+        runs = batcher.runs
+
+        async def late_stream(delay: float) -> list[float]:
+            await asyncio.sleep(delay)
+            return await _scored_with(batcher, 1)
+
+        await asyncio.gather(*(late_stream(0.02 * i) for i in range(4)))
+    runner.cancel()
+    assert batcher.runs - runs == 1, "four windows arriving 20 ms apart share one held run"
+
+
+async def test_batcher_runs_at_once_when_a_batch_is_full() -> None:
+    batcher = VadBatcher(SileroModel(), hold_ms=3_600_000, min_batch=8, min_expected=0)
+    runner = asyncio.create_task(batcher.run())
+    async with asyncio.timeout(10):
+        await asyncio.gather(*(_scored_with(batcher, 2) for _ in range(8)))
+    runner.cancel()
+    assert (batcher.runs, batcher.windows) == (2, 16)

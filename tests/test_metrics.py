@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from firmware_protocol import Error, Transcript
+from firmware_protocol import EndReason, Error, SpeechEnded, Transcript, VadEngine
 from service.devbroker import PrivateMosquitto
 from service.device_sim import frames_of, send_utterance
 from tests.conftest import BridgeProcess, Broker
 from tests.device import RawDevice
+from tests.fakes.silero_vad_server import FakeSileroVadServer
 
 POCKETSPHINX = """
 [asr]
@@ -72,6 +73,8 @@ async def test_an_utterance_and_a_bad_frame_move_the_counters(make_bridge: objec
     assert value(before, "echokit_bridge_sessions_started_total") == 0
     assert value(before, "echokit_bridge_mqtt_connected") == 1
     assert value(before, "echokit_bridge_build_info", version="0.1.0") == 1
+    for engine in VadEngine:  # every engine exported from the start, so rate() sees its first window
+        assert ("echokit_bridge_vad_windows_total", frozenset({("engine", engine.value)})) in before
 
     audio: np.ndarray = speech["what_time"]
     received = await send_utterance(
@@ -96,6 +99,7 @@ async def test_an_utterance_and_a_bad_frame_move_the_counters(make_bridge: objec
     assert value(after, "echokit_bridge_mqtt_publish_dropped_total") == 0
     assert value(after, "echokit_bridge_event_loop_lag_seconds_count") > 0
     assert value(after, "process_cpu_seconds_total") > 0
+    assert value(after, "echokit_bridge_vad_silero_windows_total") == 0  # push-to-talk: no VAD
 
     # The session ends just after its final is sent; then nothing is active or queued.
     deadline = time.monotonic() + 10
@@ -117,6 +121,51 @@ async def test_an_utterance_and_a_bad_frame_move_the_counters(make_bridge: objec
     assert sum(v for (name, _), v in rejected.items() if name == "echokit_bridge_messages_rejected_total") == 1
     no_device_label = [key for key in rejected if any(label in ("device", "session") for label, _ in key[1])]
     assert not no_device_label
+
+
+async def test_vad_engine_counters_after_server_vad_sessions(make_bridge: object, speech: dict) -> None:
+    """Three devices, three engines: Silero, WebRTC gating Silero, and a remote server that refuses."""
+    async with FakeSileroVadServer() as refusing:
+        refusing.refuse = True
+        bridge: BridgeProcess = make_bridge(  # type: ignore[operator]
+            f"""
+            [asr]
+            platform = "pocketsphinx"
+            decoders = 1
+            vad_realtime_url = "{refusing.realtime_url}"
+            [metrics]
+            listen = "127.0.0.1:0"
+            [devices.gated]
+            vad_engine = "webrtc+silero"
+            [devices.far]
+            vad_engine = "remote"
+            """
+        )
+        port = metrics_port(bridge)
+        before = await scrape(port)
+        for name in ("silero_windows", "silero_runs", "gate_skipped_windows", "remote_fallbacks"):
+            assert (f"echokit_bridge_vad_{name}_total", frozenset()) in before, name
+        for device in ("plain", "gated", "far"):
+            received = await send_utterance(
+                bridge.broker.url, device, speech["what_time"], prefix=bridge.prefix, speed=0, timeout_s=40
+            )
+            assert any(isinstance(r.message, SpeechEnded) and r.message.reason is EndReason.SILENCE for r in received)
+    after = await scrape(port)
+
+    def windows(engine: VadEngine) -> float:
+        return value(after, "echokit_bridge_vad_windows_total", engine=engine.value)
+
+    # Each turn ends after some 70 windows: what_time.wav's speech, then the silence that ends it.
+    silero, gated = windows(VadEngine.SILERO), windows(VadEngine.WEBRTC_SILERO)
+    assert silero >= 2 * 60 and gated >= 60  # "plain", and "far" after its fallback; "gated"
+    assert (windows(VadEngine.WEBRTC), windows(VadEngine.REMOTE)) == (0, 0)  # refused: nothing scored remotely
+    skipped = value(after, "echokit_bridge_vad_gate_skipped_windows_total")
+    assert 0 < skipped < gated
+    assert value(after, "echokit_bridge_vad_remote_fallbacks_total") == 1
+    silero_windows = value(after, "echokit_bridge_vad_silero_windows_total")
+    assert silero_windows == silero + gated - skipped  # every window not gated went to Silero, once
+    assert 1 <= value(after, "echokit_bridge_vad_silero_runs_total") <= silero_windows
+    assert "vad.remote_failed" in bridge.log()
 
 
 async def test_health_endpoints_and_unknown_paths(make_bridge: object) -> None:

@@ -13,8 +13,10 @@ from firmware_protocol import (
     ErrorCode,
     Listening,
     SpeechEnded,
+    SpeechStarted,
     Start,
     Transcript,
+    VadEngine,
 )
 from service.device_sim import frames_of
 from tests.conftest import BridgeProcess
@@ -73,4 +75,39 @@ async def test_invalid_tuning_is_refused_with_the_field_named(bridge: BridgeProc
         await device.control(Configure(max_utterance_s=600))  # over the bridge's 8 s cap
         error = await device.wait_for(lambda m: isinstance(m, Error) and "max_utterance_s" in m.message)
         assert isinstance(error, Error)
+        await asyncio.sleep(1.1)
+        await device.control(b'{"type":"configure","vad_engine":"webrtc","webrtc_mode":7}')
+        error = await device.wait_for(lambda m: isinstance(m, Error) and "webrtc_mode" in m.message)
+        assert isinstance(error, Error) and error.message.startswith("$.webrtc_mode: ") and "<= 3" in error.message
         assert not any(isinstance(m, Configured) for m in device.messages())
+
+
+async def test_webrtc_mode_per_device_reaches_the_scorer(make_bridge: object, speech: dict) -> None:
+    """The noise fixture is speech to WebRTC's VAD at aggressiveness 0 and silence at 3 (the default)."""
+    bridge: BridgeProcess = make_bridge(  # type: ignore[operator]
+        """
+        [devices.lenient]
+        vad_engine = "webrtc"
+        webrtc_mode = 0
+        """
+    )
+    broker = bridge.broker
+
+    async def noise_heard_as_speech(device: RawDevice, session: int) -> bool:
+        await device.stream(frames_of(speech["noise"], session_id=session, last=True), frame_s=0.002)
+        await device.wait_for(lambda m: isinstance(m, Transcript) and m.final and m.session == session)
+        return any(isinstance(m, SpeechStarted) for m in device.messages(session))
+
+    async with RawDevice(broker.host, broker.port, bridge.prefix, "lenient") as lenient:
+        assert await noise_heard_as_speech(lenient, 1)  # [devices.lenient]
+
+    async with RawDevice(broker.host, broker.port, bridge.prefix, "tuner") as tuner:
+        await tuner.control(Configure(vad_engine=VadEngine.WEBRTC))
+        configured = await tuner.wait_for(lambda m: isinstance(m, Configured))
+        assert isinstance(configured, Configured) and configured.webrtc_mode == 3  # asr.vad.webrtc_mode
+        assert not await noise_heard_as_speech(tuner, 2)
+
+        await tuner.control(Configure(webrtc_mode=0))
+        again = await tuner.wait_for(lambda m: isinstance(m, Configured) and m is not configured)
+        assert isinstance(again, Configured) and (again.vad_engine, again.webrtc_mode) == (VadEngine.WEBRTC, 0)
+        assert await noise_heard_as_speech(tuner, 3)

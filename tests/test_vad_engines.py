@@ -16,6 +16,7 @@ from firmware_protocol import (
     EndReason,
     Error,
     SpeechEnded,
+    SpeechStarted,
     Topics,
     Transcript,
     VadEngine,
@@ -94,8 +95,10 @@ async def test_webrtc_gate_skips_silero_on_noise_and_keeps_speech_high(speech: d
 async def test_engines_are_built_from_the_tuning(batcher: VadBatcher) -> None:
     engines = VadEngines(batcher, webrtc_mode=1, realtime_url="ws://127.0.0.1:9/v1/audio/realtime_vad")
     assert isinstance(engines.scorer(VadEngine.SILERO), SileroScorer)
-    assert isinstance(engines.scorer(VadEngine.WEBRTC), WebrtcScorer)
-    assert isinstance(engines.scorer(VadEngine.WEBRTC_SILERO), GatedScorer)
+    webrtc = engines.scorer(VadEngine.WEBRTC)
+    assert isinstance(webrtc, WebrtcScorer) and webrtc.mode == 1  # no session tuning: the config's mode
+    gated = engines.scorer(VadEngine.WEBRTC_SILERO, webrtc_mode=0)
+    assert isinstance(gated, GatedScorer) and gated.gate.mode == 0
     assert isinstance(engines.scorer(VadEngine.REMOTE), RemoteScorer)
     # Without a realtime URL "remote" cannot be configured (config validation); the factory still never fails.
     assert isinstance(VadEngines(batcher).scorer(VadEngine.REMOTE), SileroScorer)
@@ -166,6 +169,7 @@ async def _session(
     *,
     endpointing: Endpointing = Endpointing.SERVER_VAD,
     engine: VadEngine = VadEngine.SILERO,
+    tuning: Configured | None = None,
     pace_s: float = 0.0,
 ) -> list[object]:
     published: list[object] = []
@@ -180,7 +184,8 @@ async def _session(
         session=SessionConfig(),
         engines=engines,
     )
-    session = Session("dev", 1, services, tuning=_tuning(endpointing, engine), options=SessionOptions())
+    tuning = tuning or _tuning(endpointing, engine)
+    session = Session("dev", 1, services, tuning=tuning, options=SessionOptions())
     runner = asyncio.create_task(session.run())
     for i in range(0, len(audio), 320):
         session.push(audio[i : i + 320].tobytes())
@@ -202,6 +207,34 @@ async def test_local_engines_end_the_turn_on_silence(speech: dict, batcher: VadB
     assert isinstance(final, Transcript) and final.final and final.text.startswith("heard")
 
 
+async def test_a_sessions_webrtc_mode_comes_from_its_devices_tuning(speech: dict, batcher: VadBatcher) -> None:
+    """WebRTC hears the noise fixture as speech at aggressiveness 0, as silence at 3."""
+    config = parse_config('[asr.vad]\nengine = "webrtc"\n[devices.lenient]\nwebrtc_mode = 0\n')
+    engines = VadEngines.from_config(batcher, config.asr)
+    lenient = effective_tuning(config, config.devices.tuning["lenient"])
+    strict = effective_tuning(config)
+    assert (lenient.vad_engine, lenient.webrtc_mode, strict.webrtc_mode) == (VadEngine.WEBRTC, 0, 3)
+    backend = CountingBatchBackend()
+    heard = await _session(engines, backend, speech["noise"], tuning=lenient)
+    assert any(isinstance(m, SpeechStarted) for m in heard)
+    quiet = await _session(engines, backend, speech["noise"], tuning=strict)
+    assert not any(isinstance(m, SpeechStarted) for m in quiet)
+    final = quiet[-1]
+    assert isinstance(final, Transcript) and final.reason is EndReason.NO_SPEECH
+    assert engines.counts.webrtc == 2 * len(windows(speech["noise"])) and batcher.windows == 0
+
+
+async def test_the_gate_counts_what_it_spared_silero(speech: dict, batcher: VadBatcher) -> None:
+    engines = VadEngines(batcher)
+    audio = np.concatenate([SILENCE_1S, speech["what_time"], SILENCE_1S])
+    await _session(engines, CountingBatchBackend(), audio, engine=VadEngine.WEBRTC_SILERO)
+    counts = engines.counts
+    assert 0 < counts.gate_skipped < counts.webrtc_silero <= len(windows(audio))
+    assert (counts.silero, counts.webrtc, counts.remote) == (0, 0, 0)
+    assert batcher.windows == counts.webrtc_silero - counts.gate_skipped  # every other window went to Silero
+    assert 1 <= batcher.runs <= batcher.windows
+
+
 @pytest.mark.parametrize("fault", [None, "error"])
 async def test_remote_engine_ends_the_turn_even_when_the_server_fails(
     speech: dict, batcher: VadBatcher, fake: FakeSileroVadServer, fault: str | None
@@ -217,8 +250,13 @@ async def test_remote_engine_ends_the_turn_even_when_the_server_fails(
     final = messages[-1]
     assert isinstance(final, Transcript) and final.final and final.text.startswith("heard") and backend.heard
     assert fake.connections == 1 and fake.received_frames
+    counts = engines.counts
     if fault is None:
         assert fake.events_sent[0] == "speech_start" and fake.events_sent[-1] == "speech_end"
+        assert counts.remote > 0 and (counts.silero, counts.remote_fallbacks) == (0, 0)
+    else:  # the windows after the failure are Silero's
+        assert counts.remote > 0 and counts.silero > 0 and counts.remote_fallbacks == 1
+        assert batcher.windows == counts.silero
 
 
 async def test_vad_url_skips_the_recogniser_when_nobody_spoke(
