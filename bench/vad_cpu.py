@@ -1,6 +1,6 @@
 """VAD CPU per stream-second for each local engine, at 1 to 500 concurrent streams.
 
-    .venv/bin/python bench/vad_cpu.py                       # about 3 minutes on 2 cores
+    .venv/bin/python bench/vad_cpu.py                       # about 4 minutes on 2 cores
     .venv/bin/python bench/vad_cpu.py --streams 200 --engines silero --json bench/results/vad-cpu.json
 
 Every stream is one asyncio task that scores 512-sample int16 windows of real speech (the

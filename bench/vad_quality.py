@@ -25,6 +25,10 @@ Per setting:
   whole clip and its tail; a trigger is a TurnEnd with reason ``silence`` (speech was detected).
   ``no_speech`` ends are not triggers. SpeechStart events are counted too.
 - **missed**: speech clips whose turn ended ``no_speech`` (or did not end).
+
+The named ``echokit`` and ``ours-safe`` settings are then replayed on the other local engines
+(``--engines``: ``webrtc:3``, ``webrtc:1``, ``webrtc+silero:3``; the number is ``webrtc_mode``), each
+clip scored by the scorer a session gets from :class:`service.vad_engines.VadEngines`.
 """
 
 from __future__ import annotations
