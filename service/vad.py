@@ -102,7 +102,8 @@ class VadBatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[float] = loop.create_future()
         self._pending.append((stream, window, future))
-        if len(self._pending) >= self._min_batch or self._arrival_rate() < self._hold_rate:
+        rate = self._arrival_rate()
+        if len(self._pending) >= self._min_batch or rate < self._hold_rate:
             self._wakeup.set()
         elif self._timer is None:
             self._timer = loop.call_later(self._hold_s, self._release)
