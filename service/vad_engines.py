@@ -88,10 +88,8 @@ class SileroScorer:
         self._batcher = batcher
         self._counts = counts
         self.stream = VadStream()
-        self.calls = 0
 
     async def score(self, window: np.ndarray) -> float:
-        self.calls += 1
         if self._counts is not None:
             self._counts.silero += 1
         return await self._batcher.score(self.stream, window.astype(np.float32) / 32768.0)
@@ -146,26 +144,17 @@ class GatedScorer:
     context so the next window continues the real signal.
     """
 
-    def __init__(self, gate: WebrtcScorer, silero: SileroScorer, counts: VadCounts | None = None) -> None:
+    def __init__(self, gate: WebrtcScorer, silero: SileroScorer, counts: VadCounts) -> None:
         self.gate = gate
         self._silero = silero
         self._counts = counts
         self._gated: np.ndarray | None = None
-        self.skipped = 0
-
-    @property
-    def silero_calls(self) -> int:
-        return self._silero.calls
 
     async def score(self, window: np.ndarray) -> float:
-        counts = self._counts
-        if counts is not None:
-            counts.webrtc_silero += 1
+        self._counts.webrtc_silero += 1
         if self.gate.score_now(window) == 0.0:
             self._gated = window
-            self.skipped += 1
-            if counts is not None:
-                counts.gate_skipped += 1
+            self._counts.gate_skipped += 1
             return 0.0
         if self._gated is not None:
             self._silero.restart(self._gated)
@@ -192,8 +181,8 @@ class RemoteScorer:
         fallback: SileroScorer,
         *,
         connect_timeout_s: float,
+        counts: VadCounts,
         device: str = "",
-        counts: VadCounts | None = None,
     ) -> None:
         self._url = url
         self._fallback = fallback
@@ -221,8 +210,7 @@ class RemoteScorer:
                 self._fail(f"{type(exc).__name__}: {exc}")
         if self.failed is not None:
             return await self._fallback.score(window)
-        if self._counts is not None:
-            self._counts.remote += 1
+        self._counts.remote += 1
         return 1.0 if self._speaking else 0.0
 
     async def _read(self, ws: ClientConnection) -> None:
@@ -258,8 +246,7 @@ class RemoteScorer:
             return
         self.failed = reason
         self._speaking = False
-        if self._counts is not None:
-            self._counts.remote_fallbacks += 1
+        self._counts.remote_fallbacks += 1
         self._log.warning("vad.remote_failed", url=self._url, reason=reason[:200], fallback="silero")
 
     async def aclose(self) -> None:

@@ -29,7 +29,7 @@ from service.publisher import DevicePublisher
 from service.session import Session, SessionServices
 from service.sessions import effective_tuning
 from service.vad import SileroModel, VadBatcher
-from service.vad_engines import GatedScorer, RemoteScorer, SileroScorer, VadEngines, WebrtcScorer
+from service.vad_engines import GatedScorer, RemoteScorer, SileroScorer, VadCounts, VadEngines, WebrtcScorer
 from tests.conftest import BridgeProcess
 from tests.device import RawDevice
 from tests.fakes.silero_vad_server import FakeSileroVadServer
@@ -81,15 +81,16 @@ def test_webrtc_carries_the_samples_past_the_last_10ms_frame() -> None:
 
 
 async def test_webrtc_gate_skips_silero_on_noise_and_keeps_speech_high(speech: dict, batcher: VadBatcher) -> None:
-    gated = GatedScorer(WebrtcScorer(3), SileroScorer(batcher))
+    gated = GatedScorer(WebrtcScorer(3), SileroScorer(batcher), counts := VadCounts())
     audio = speech["what_time"]
     probs = np.array([await gated.score(w) for w in windows(audio)])
     assert probs[voiced_mask(audio)].mean() > 0.8
-    assert gated.skipped > 0 and gated.silero_calls < len(probs)
+    assert counts.gate_skipped > 0 and batcher.windows < len(probs)
 
-    noise = GatedScorer(WebrtcScorer(3), SileroScorer(batcher))
+    noise = GatedScorer(WebrtcScorer(3), SileroScorer(batcher), VadCounts())
+    before = batcher.windows
     noise_probs = [await noise.score(w) for w in windows(speech["noise"])]
-    assert max(noise_probs) < 0.5 and noise.silero_calls < len(noise_probs) // 4
+    assert max(noise_probs) < 0.5 and batcher.windows - before < len(noise_probs) // 4
 
 
 async def test_engines_are_built_from_the_tuning(batcher: VadBatcher) -> None:
@@ -116,7 +117,7 @@ async def _score_paced(scorer: RemoteScorer, audio: np.ndarray) -> list[float]:
 
 
 async def test_remote_events_become_probabilities(speech: dict, batcher: VadBatcher, fake: FakeSileroVadServer) -> None:
-    scorer = RemoteScorer(fake.realtime_url, SileroScorer(batcher), connect_timeout_s=2)
+    scorer = RemoteScorer(fake.realtime_url, SileroScorer(batcher), connect_timeout_s=2, counts=VadCounts())
     audio = np.concatenate([SILENCE_1S[:4096], speech["what_time"], SILENCE_1S])
     probs = await _score_paced(scorer, audio)
     await scorer.aclose()
@@ -129,27 +130,28 @@ async def test_remote_events_become_probabilities(speech: dict, batcher: VadBatc
 
 async def test_remote_error_falls_back_to_silero(speech: dict, batcher: VadBatcher, fake: FakeSileroVadServer) -> None:
     fake.error_after_bytes = 1024 * 10
-    fallback = SileroScorer(batcher)
-    scorer = RemoteScorer(fake.realtime_url, fallback, connect_timeout_s=2)
+    counts = VadCounts()
+    fallback = SileroScorer(batcher, counts)
+    scorer = RemoteScorer(fake.realtime_url, fallback, connect_timeout_s=2, counts=counts)
     audio = np.concatenate([speech["what_time"], SILENCE_1S])
     probs = np.array(await _score_paced(scorer, audio))
     await scorer.aclose()
     assert scorer.failed is not None and "VAD processing error" in scorer.failed
-    assert fallback.calls > 0
+    assert counts.silero > 0
     assert probs[voiced_mask(audio)].mean() > 0.8  # Silero carries on
 
 
 async def test_remote_refused_or_dead_falls_back_to_silero(speech: dict, batcher: VadBatcher) -> None:
     async with FakeSileroVadServer() as refusing:
         refusing.refuse = True
-        scorer = RemoteScorer(refusing.realtime_url, SileroScorer(batcher), connect_timeout_s=2)
+        scorer = RemoteScorer(refusing.realtime_url, SileroScorer(batcher), connect_timeout_s=2, counts=VadCounts())
         assert await scorer.score(speech["what_time"][:512]) < 0.5
         assert scorer.failed is not None
         await scorer.aclose()
     dead = FakeSileroVadServer()
     async with dead:
         url = dead.realtime_url
-    scorer = RemoteScorer(url, SileroScorer(batcher), connect_timeout_s=2)
+    scorer = RemoteScorer(url, SileroScorer(batcher), connect_timeout_s=2, counts=VadCounts())
     await scorer.score(speech["what_time"][:512])
     assert scorer.failed is not None
     await scorer.aclose()
