@@ -30,11 +30,11 @@ import numpy as np
 from paho.mqtt import client as mqtt_client
 
 from firmware_protocol import Topics
-from service.backends import Recognition, RecognitionStream, SessionOptions, TranscriptionBackend
 from service.bridge import Bridge
 from service.config import parse_config
-from service.logs import configure
-from service.mqtt import _dispatching_queue
+from service.link.connection import _dispatching_queue
+from service.observability.logs import configure
+from service.recognition import Recognition, RecognitionStream, SessionOptions, TranscriptionBackend
 
 FINAL_TEXT = "what time is it"
 SAMPLE_EVERY_S = 0.05  # backlog and event-loop lag sampling period inside the window
@@ -359,7 +359,7 @@ async def run_subscriber(args: argparse.Namespace) -> None:
         count += 1
 
     # Same client options as the bridge's MqttLink: protocol, clean start, messages handed to
-    # the handler as paho reads them (service.mqtt's dispatching queue), audio subscribed at
+    # the handler as paho reads them (service.link.connection's dispatching queue), audio subscribed at
     # QoS 1 (delivered at QoS 0 because devices publish at 0).
     async with aiomqtt.Client(
         args.host,

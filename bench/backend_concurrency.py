@@ -3,7 +3,7 @@
 A loopback OpenAI fake with a fixed latency (default 300 ms) runs in its own process. In this
 process, rounds of N concurrent utterances go through
 
-* **ours** — :class:`service.backends.openai.OpenAIBackend` exactly as the bridge drives it
+* **ours** — :class:`service.recognition.openai.OpenAIBackend` exactly as the bridge drives it
   (open a stream, feed 20 ms chunks, ``finish()``), one pooled client for all;
 * **sdk** — the official ``openai`` SDK (``AsyncOpenAI(base_url=...)``) posting the same WAV.
 
@@ -36,10 +36,10 @@ if str(ROOT) not in sys.path:
 
 from _lag import LagMonitor  # noqa: E402
 
-from service.audio_files import read_wav_16k_mono  # noqa: E402
-from service.backends import SessionOptions  # noqa: E402
-from service.backends.openai import OpenAIBackend, wav_bytes  # noqa: E402
 from service.config import AsrConfig  # noqa: E402
+from service.recognition import SessionOptions  # noqa: E402
+from service.recognition.openai import OpenAIBackend  # noqa: E402
+from service.wav import read_wav_16k_mono, wav_bytes  # noqa: E402
 
 KEY = "sk-bench"
 

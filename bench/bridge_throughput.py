@@ -58,8 +58,8 @@ from firmware_protocol import (  # noqa: E402
     decode_bridge_message,
     encode_message,
 )
-from service.audio_files import read_wav_16k_mono  # noqa: E402
-from service.device_sim import frames_of  # noqa: E402
+from service.tools.device_sim import frames_of  # noqa: E402
+from service.wav import read_wav_16k_mono  # noqa: E402
 
 FRAME_MS = 20
 FRAME_S = FRAME_MS / 1000
@@ -100,7 +100,8 @@ def vad_decision_frames(clips: list[np.ndarray]) -> list[int | None]:
     ``speech_ended`` and the final from the moment the decisive frame was published.
     """
     from service.config import Config
-    from service.vad import WINDOW, Endpointer, SileroModel
+    from service.endpointing.endpointer import WINDOW, Endpointer
+    from service.endpointing.silero import SileroModel
 
     config = Config()
     model = SileroModel()
@@ -963,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup >= args.seconds:
         parser.error("--warmup must be shorter than --seconds")
 
-    from service.devbroker import PrivateMosquitto
+    from service.tools.devbroker import PrivateMosquitto
 
     fdec = vad_decision_frames(load_clips()) if args.endpointing == "server_vad" else None
     env = {

@@ -3,7 +3,7 @@
     .venv/bin/python bench/endpoint_latency.py
     .venv/bin/python bench/endpoint_latency.py --latencies 100,300,800 --settings echokit,ours-safe --json out.json
 
-:class:`service.session.Session` runs in process with the bridge's :class:`VadBatcher` and a
+:class:`service.session.turn.Session` runs in process with the bridge's :class:`VadBatcher` and a
 recording publish function (as ``tests/test_session.py`` builds it). The backend is a
 :class:`BatchStream` whose ``transcribe`` sleeps L and returns "heard <samples>". A labeled
 single-phrase clip of ``tests/fixtures/vad_set`` plus trailing non-speech (the clip's own tail,
@@ -51,15 +51,15 @@ from firmware_protocol import (
     Transcript,
     decode_bridge_message,
 )
-from service.audio_files import read_wav_16k_mono
-from service.backends import Recognition, SessionOptions
-from service.backends.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
 from service.config import AsrConfig, Config, SessionConfig, VadConfig
-from service.logs import configure as configure_logs
-from service.publisher import DevicePublisher
-from service.session import Session, SessionServices
-from service.sessions import effective_tuning
-from service.vad import SileroModel, VadBatcher
+from service.endpointing.silero import SileroModel, VadBatcher
+from service.ingest.router import effective_tuning
+from service.observability.logs import configure as configure_logs
+from service.outputs.publisher import DevicePublisher
+from service.recognition import Recognition, SessionOptions
+from service.recognition.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
+from service.session.turn import Session, SessionServices
+from service.wav import read_wav_16k_mono
 
 CHUNK = 320  # 20 ms, a device frame
 

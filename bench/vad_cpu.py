@@ -5,11 +5,11 @@
 
 Every stream is one asyncio task that scores 512-sample int16 windows of real speech (the
 fixtures under ``tests/``, pauses included) through the scorer a session would get from
-:meth:`service.vad_engines.VadEngines.scorer`, so Silero batches exactly as in the bridge.
+:meth:`service.endpointing.engines.VadEngines.scorer`, so Silero batches exactly as in the bridge.
 Windows fall due at real time (every 32 ms, each stream at its own random phase, as devices
 do). Engines (``--engines``):
 
-- **silero**: the bridge's :class:`~service.vad.VadBatcher` (it holds a window up to 10 ms
+- **silero**: the bridge's :class:`~service.endpointing.silero.VadBatcher` (it holds a window up to 10 ms
   when enough streams are active that a batch fills).
 - **silero-nohold**: the same batcher with ``hold_ms=0``: every window is scored as soon as the
   VAD thread is free (the bridge before it held windows), for comparison in the same run.
@@ -49,9 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from firmware_protocol import VadEngine
-from service.audio_files import read_wav_16k_mono
-from service.vad import WINDOW, SileroModel, VadBatcher, VadStream
-from service.vad_engines import VadEngines, VadScorer
+from service.endpointing.endpointer import WINDOW
+from service.endpointing.engines import VadEngines, VadScorer
+from service.endpointing.silero import SileroModel, VadBatcher, SileroState
+from service.wav import read_wav_16k_mono
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +107,7 @@ async def run(model: ThreadNotingModel, pool: np.ndarray, streams: int, seconds:
     """One run of ``streams`` concurrent paced streams of ``seconds`` of audio each."""
     batcher, factory = make_scorer(engine, model)
     runner = asyncio.create_task(batcher.run())
-    await batcher.score(VadStream(), np.zeros(WINDOW, dtype=np.float32))  # starts the VAD thread
+    await batcher.score(SileroState(), np.zeros(WINDOW, dtype=np.float32))  # starts the VAD thread
     clock = time.pthread_getcpuclockid(model.thread)  # the batcher's thread, which just ran the model
     windows = int(seconds / WINDOW_S)
     rng = random.Random(streams)

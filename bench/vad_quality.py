@@ -5,8 +5,8 @@
 
 Every clip of ``tests/fixtures/vad_set`` (see its ``labels.json``) is scored once by Silero exactly
 as a session scores it (512-sample windows from the first sample, through the scorer
-:class:`service.vad_engines.VadEngines` gives a session and the bridge's batcher), then every
-setting replays the probabilities through :class:`service.vad.Endpointer`.
+:class:`service.endpointing.engines.VadEngines` gives a session and the bridge's batcher), then every
+setting replays the probabilities through :class:`service.endpointing.silero.Endpointer`.
 The endpointer runs on audio time, so no real-time pacing is needed and a grid of a few hundred
 settings takes seconds.
 
@@ -29,7 +29,7 @@ Per setting:
 
 The named ``echokit`` and ``ours-safe`` settings are then replayed on the other local engines
 (``--engines``: ``webrtc:3``, ``webrtc:1``, ``webrtc+silero:3``; the number is ``webrtc_mode``), each
-clip scored by the scorer a session gets from :class:`service.vad_engines.VadEngines`.
+clip scored by the scorer a session gets from :class:`service.endpointing.engines.VadEngines`.
 """
 
 from __future__ import annotations
@@ -50,19 +50,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from firmware_protocol import EndReason, VadEngine
-from service.audio_files import read_wav_16k_mono
 from service.config import VadConfig
-from service.vad import (
-    WINDOW,
-    WINDOW_MS,
-    Endpointer,
-    SileroModel,
-    SpeechPause,
-    SpeechStart,
-    TurnEnd,
-    VadBatcher,
-)
-from service.vad_engines import VadEngines
+from service.endpointing.endpointer import WINDOW, WINDOW_MS, Endpointer, SpeechPause, SpeechStart, TurnEnd
+from service.endpointing.engines import VadEngines
+from service.endpointing.silero import SileroModel, VadBatcher
+from service.wav import read_wav_16k_mono
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SET = REPO / "tests" / "fixtures" / "vad_set"
@@ -80,7 +72,7 @@ ECHOKIT = {
 
 NAMED: dict[str, dict[str, Any]] = {
     "echokit": ECHOKIT,
-    # EchoKit computes max_silence_chunks = 200 * 16 / 512 = 6 (integer division); service.vad.Endpointer
+    # EchoKit computes max_silence_chunks = 200 * 16 / 512 = 6 (integer division); service.endpointing.silero.Endpointer
     # rounds up to 7. 192 ms gives 6 windows here, i.e. what EchoKit's server really does.
     "echokit-6w": {**ECHOKIT, "max_silence_duration_ms": 192},
     # Candidates of our own (picked from the grid below). Leaving speech after 3 windows instead of 7 needs a

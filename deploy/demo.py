@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiomqtt
 
-from service.devbroker import PrivateMosquitto
+from service.tools.devbroker import PrivateMosquitto
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "tests" / "fixtures" / "weather.wav"

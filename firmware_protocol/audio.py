@@ -28,6 +28,9 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<2sBBIIBBH")
 HEADER_SIZE = HEADER.size  # 16
 _RESERVED_FLAGS = 0xFC
+SAMPLE_RATE = 16000
+"""Hz: the only rate the bridge takes (mono, 16-bit); frames carry it, ``listening`` announces it."""
+SAMPLES_PER_MS = SAMPLE_RATE // 1000
 
 
 class FrameFlags(enum.IntFlag):
@@ -51,7 +54,7 @@ class AudioFrame:
     flags: FrameFlags = FrameFlags.NONE
     codec: Codec | int = Codec.PCM_S16LE
     channels: int = 1
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
     version: int = PROTOCOL_VERSION
 
     @property

@@ -17,17 +17,17 @@ import structlog
 
 from firmware_protocol import Topics
 from service import __version__
-from service.backends import BackendError, TranscriptionBackend
 from service.config import PLATFORM_ALIASES, AsrConfig, Config
-from service.health import HealthServer
-from service.homeassistant import HomeAssistant
-from service.metrics import BridgeMetrics
-from service.mqtt import MqttLink
-from service.publisher import DevicePublisher
-from service.session import SessionServices
-from service.sessions import SessionManager
-from service.vad import SileroModel, VadBatcher
-from service.vad_engines import VadEngines
+from service.endpointing.engines import VadEngines
+from service.endpointing.silero import SileroModel, VadBatcher
+from service.ingest.router import SessionManager
+from service.link.connection import MqttLink
+from service.observability.health import HealthServer
+from service.observability.metrics import BridgeMetrics
+from service.outputs.homeassistant import HomeAssistant
+from service.outputs.publisher import DevicePublisher
+from service.recognition import BackendError, TranscriptionBackend
+from service.session.turn import SessionServices
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +45,7 @@ def build_backends(asr: AsrConfig, metrics: BridgeMetrics | None = None) -> Tran
     primary = build(asr)
     if not asr.fallback:
         return primary
-    from service.backends.failover import FailoverBackend
+    from service.recognition.failover import FailoverBackend
 
     return FailoverBackend([primary, *(build(fallback) for fallback in asr.fallback)])
 
@@ -54,19 +54,19 @@ def build_backend(asr: AsrConfig) -> TranscriptionBackend:
     """One backend from an ``[asr]`` table; modules load lazily so unused SDK-free code stays cold."""
     platform = PLATFORM_ALIASES.get(asr.platform)
     if platform == "pocketsphinx":
-        from service.backends.pocketsphinx import PocketsphinxBackend
+        from service.recognition.pocketsphinx import PocketsphinxBackend
 
         return PocketsphinxBackend(asr)
     if platform == "openai":
-        from service.backends.openai import OpenAIBackend
+        from service.recognition.openai import OpenAIBackend
 
         return OpenAIBackend(asr)
     if platform == "paraformer_v2":
-        from service.backends.paraformer import ParaformerBackend
+        from service.recognition.paraformer import ParaformerBackend
 
         return ParaformerBackend(asr)
     if platform == "elevenlabs":
-        from service.backends.elevenlabs import ElevenLabsBackend
+        from service.recognition.elevenlabs import ElevenLabsBackend
 
         return ElevenLabsBackend(asr)
     raise BackendError(f"asr.platform {asr.platform!r} is not available", retryable=False)

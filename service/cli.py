@@ -7,9 +7,9 @@ import asyncio
 import sys
 
 from service import __version__
-from service.backends import BackendError
 from service.config import ConfigError, load_config
-from service.logs import configure
+from service.observability.logs import configure
+from service.recognition import BackendError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", required=True, help="TOML configuration file")
     check = sub.add_parser("check-config", help="validate a configuration file and list every problem")
     check.add_argument("path")
-    from service import tail
+    from service.tools import tail
 
     tail.add_arguments(sub.add_parser("tail", help="print every device's voice activity, transcripts and errors, live"))
     args = parser.parse_args(argv)

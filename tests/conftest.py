@@ -22,8 +22,8 @@ import aiomqtt
 import numpy as np
 import pytest
 
-from service.audio_files import read_wav_16k_mono
-from service.devbroker import PrivateMosquitto
+from service.tools.devbroker import PrivateMosquitto
+from service.wav import read_wav_16k_mono
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent

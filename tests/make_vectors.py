@@ -47,7 +47,7 @@ from firmware_protocol import (
     decode_device_message,
     encode_message,
 )
-from service.publisher import fit
+from service.outputs.publisher import fit
 
 VECTORS_DIR = Path(__file__).resolve().parent.parent / "firmware_protocol" / "vectors"
 HEX_LIMIT = 64

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.audio_files import UnsupportedAudio, read_wav_16k_mono, write_wav
-from service.device_sim import main as device_main
+from service.tools.device_sim import main as device_main
+from service.wav import UnsupportedAudio, read_wav_16k_mono, write_wav
 
 
 def test_resamples_and_downmixes_16_bit(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from dashscope.common.error import InvalidParameter
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from service.audio_files import read_wav_16k_mono
+from service.wav import read_wav_16k_mono
 from tests.fakes.dashscope_server import FakeDashScope, Fault, Script
 
 FIXTURES = Path(__file__).parent / "fixtures"

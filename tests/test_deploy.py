@@ -38,9 +38,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from firmware_protocol import Listening
-from service.audio_files import read_wav_16k_mono
-from service.devbroker import find_mosquitto, free_port
-from service.device_sim import send_utterance
+from service.tools.devbroker import find_mosquitto, free_port
+from service.tools.device_sim import send_utterance
+from service.wav import read_wav_16k_mono
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

@@ -25,7 +25,7 @@ from firmware_protocol import (
     Start,
     Transcript,
 )
-from service.device_sim import frames_of, send_utterance
+from service.tools.device_sim import frames_of, send_utterance
 from tests.conftest import BridgeProcess, Broker, wait_for_status
 from tests.device import RawDevice
 
@@ -285,7 +285,7 @@ async def test_status_is_retained_and_goes_offline_on_stop(make_bridge: object, 
 
 @pytest.mark.parametrize("limit", [300])
 def test_transcripts_fit_a_small_device_buffer(limit: int) -> None:
-    from service.publisher import fit
+    from service.outputs.publisher import fit
 
     message = Transcript(
         session=1, final=True, text="ünïcode words " * 100, backend="pocketsphinx", start_ms=0, end_ms=0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from firmware_protocol import EndReason, SpeechEnded, Transcript
-from service.device_sim import send_utterance
+from service.tools.device_sim import send_utterance
 from tests.conftest import BridgeProcess
 from tests.fakes.elevenlabs_server import FakeElevenLabs, Script
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from firmware_protocol import EndReason, Error, ErrorCode, Transcript
-from service.device_sim import send_utterance
+from service.tools.device_sim import send_utterance
 from tests.conftest import BridgeProcess
 from tests.fakes.openai_server import FakeOpenAI, Fault, Hang
 from tests.fakes.openai_server import Transcript as Say

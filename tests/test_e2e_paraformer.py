@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from firmware_protocol import Endpointing, EndReason, Error, ErrorCode, Listening, SpeechEnded, Transcript
-from service.device_sim import send_utterance
+from service.tools.device_sim import send_utterance
 from tests.conftest import BridgeProcess
 from tests.fakes.dashscope_server import FakeDashScope, Fault, Script
 

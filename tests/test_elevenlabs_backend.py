@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from firmware_protocol import EndReason, ErrorCode
-from service.audio_files import read_wav_16k_mono
-from service.backends.base import BackendError, Recognition, RecognitionStream, SessionOptions
-from service.backends.elevenlabs import ElevenLabsBackend, endpoints
 from service.config import AsrConfig
+from service.recognition.base import BackendError, Recognition, RecognitionStream, SessionOptions
+from service.recognition.elevenlabs import ElevenLabsBackend, endpoints
+from service.wav import read_wav_16k_mono
 from tests.fakes.elevenlabs_server import FakeElevenLabs, Fault, Script
 
 FIXTURES = Path(__file__).parent / "fixtures"

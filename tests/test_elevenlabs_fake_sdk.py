@@ -23,7 +23,7 @@ from elevenlabs.errors import UnprocessableEntityError
 from elevenlabs.realtime import RealtimeAudioOptions, RealtimeConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from service.audio_files import read_wav_16k_mono
+from service.wav import read_wav_16k_mono
 from tests.fakes.elevenlabs_server import FakeElevenLabs, Fault, Script
 
 KEY = "sk_fake_sdk_0123"

@@ -8,7 +8,8 @@ import numpy as np
 
 from firmware_protocol import EndReason
 from service.config import VadConfig
-from service.vad import WINDOW, Endpointer, SileroModel, SpeechPause, SpeechStart, TurnEnd, VadBatcher, VadStream
+from service.endpointing.endpointer import WINDOW, Endpointer, SpeechPause, SpeechStart, TurnEnd
+from service.endpointing.silero import SileroModel, VadBatcher, SileroState
 
 
 def _run(probabilities: list[float], config: VadConfig | None = None, no_speech_ms: int = 3000) -> list[object]:
@@ -69,7 +70,7 @@ async def test_silero_batched_matches_single_stream_and_separates_speech_from_no
 
     async def score_all(name: str) -> list[float]:
         audio = speech[name].astype(np.float32) / 32768
-        stream = VadStream()
+        stream = SileroState()
         return [await batcher.score(stream, audio[i : i + WINDOW]) for i in range(0, len(audio) - WINDOW + 1, WINDOW)]
 
     together = await asyncio.gather(*(score_all(n) for n in names))
@@ -85,8 +86,8 @@ async def test_silero_batched_matches_single_stream_and_separates_speech_from_no
     assert np.mean(np.array(scores["what_time"][800 // 32 : 1400 // 32]) > 0.5) > 0.8
 
 
-async def _scored_with(batcher: VadBatcher, windows: int, stream: VadStream | None = None) -> list[float]:
-    stream = stream or VadStream()
+async def _scored_with(batcher: VadBatcher, windows: int, stream: SileroState | None = None) -> list[float]:
+    stream = stream or SileroState()
     silence = np.zeros(WINDOW, dtype=np.float32)
     return [await batcher.score(stream, silence) for _ in range(windows)]
 

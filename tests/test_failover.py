@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from firmware_protocol import ErrorCode
-from service.backends import BackendError, Recognition, SessionOptions
-from service.backends.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
-from service.backends.failover import FailoverBackend
+from service.recognition import BackendError, Recognition, SessionOptions
+from service.recognition.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
+from service.recognition.failover import FailoverBackend
 
 
 class ScriptedBackend(TranscriptionBackend):

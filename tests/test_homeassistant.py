@@ -30,8 +30,8 @@ from firmware_protocol import (
 )
 from firmware_protocol.messages import EndReason
 from service.config import HomeAssistantConfig
-from service.device_sim import send_utterance
-from service.homeassistant import MAX_STATE_CHARS, HomeAssistant, mac_of, sensor_state
+from service.outputs.homeassistant import MAX_STATE_CHARS, HomeAssistant, mac_of, sensor_state
+from service.tools.device_sim import send_utterance
 from tests.conftest import BridgeProcess, Broker
 
 # Home Assistant's documented schema, as much of it as these entities touch ------------------------

@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from firmware_protocol import EndReason, Error, SpeechEnded, Transcript, VadEngine
-from service.devbroker import PrivateMosquitto
-from service.device_sim import frames_of, send_utterance
+from service.tools.devbroker import PrivateMosquitto
+from service.tools.device_sim import frames_of, send_utterance
 from tests.conftest import BridgeProcess, Broker
 from tests.device import RawDevice
 from tests.fakes.silero_vad_server import FakeSileroVadServer

@@ -18,10 +18,10 @@ import pytest
 import structlog
 
 from firmware_protocol import EndReason, ErrorCode
-from service.audio_files import read_wav_16k_mono
-from service.backends.base import BackendError, Recognition, SessionOptions
-from service.backends.openai import OpenAIBackend, echokit_text
 from service.config import AsrConfig
+from service.recognition.base import BackendError, Recognition, SessionOptions
+from service.recognition.openai import OpenAIBackend, echokit_text
+from service.wav import read_wav_16k_mono
 from tests.fakes.openai_server import Drop, FakeOpenAI, Fault, Hang, ReceivedRequest, Transcript
 
 KEY = "sk-proj-SECRET0123456789abcdefSECRET"

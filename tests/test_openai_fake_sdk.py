@@ -16,8 +16,7 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.audio import TranscriptionTextDeltaEvent, TranscriptionTextDoneEvent
 
-from service.audio_files import read_wav_16k_mono
-from service.backends.openai import wav_bytes
+from service.wav import read_wav_16k_mono, wav_bytes
 from tests.fakes.openai_server import Drop, FakeOpenAI, Fault, Hang, Transcript
 
 KEY = "sk-test-0123456789abcdef"

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from firmware_protocol import EndReason, ErrorCode
-from service.audio_files import read_wav_16k_mono
-from service.backends.base import BackendError, Recognition, RecognitionStream, SessionOptions
-from service.backends.paraformer import DEFAULT_URL, ParaformerBackend, join_sentences
 from service.config import AsrConfig
+from service.recognition.base import BackendError, Recognition, RecognitionStream, SessionOptions
+from service.recognition.paraformer import DEFAULT_URL, ParaformerBackend, join_sentences
+from service.wav import read_wav_16k_mono
 from tests.fakes.dashscope_server import FakeDashScope, Fault, Script
 
 FIXTURES = Path(__file__).parent / "fixtures"

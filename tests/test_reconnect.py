@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from service.devbroker import PrivateMosquitto
-from service.device_sim import send_utterance
+from service.tools.devbroker import PrivateMosquitto
+from service.tools.device_sim import send_utterance
 from tests.conftest import BridgeProcess, Broker, wait_for_status
 
 

@@ -13,13 +13,13 @@ from firmware_protocol import (
     Transcript,
     decode_bridge_message,
 )
-from service.backends import Recognition, SessionOptions
-from service.backends.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
 from service.config import Config, SessionConfig
-from service.publisher import DevicePublisher
-from service.session import Session, SessionServices
-from service.sessions import effective_tuning
-from service.vad import SileroModel, VadBatcher
+from service.endpointing.silero import SileroModel, VadBatcher
+from service.ingest.router import effective_tuning
+from service.outputs.publisher import DevicePublisher
+from service.recognition import Recognition, SessionOptions
+from service.recognition.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
+from service.session.turn import Session, SessionServices
 
 
 class CountingBatchBackend(TranscriptionBackend):

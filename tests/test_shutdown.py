@@ -34,7 +34,7 @@ from firmware_protocol import (
     Transcript,
     decode_bridge_message,
 )
-from service.device_sim import frames_of
+from service.tools.device_sim import frames_of
 from tests.conftest import REPO, BridgeProcess, Broker, wait_for_status
 from tests.device import RawDevice
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firmware_protocol import AudioFrame, FrameFlags
-from service.streams import Arrival, DeviceStream, Reassembler, StreamStats
+from service.ingest.reassembly import Arrival, DeviceStream, Reassembler, StreamStats
 
 
 def _frames(n: int, session: int = 1, size: int = 640, last: bool = True) -> list[AudioFrame]:

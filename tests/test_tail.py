@@ -11,8 +11,8 @@ import uuid
 from datetime import UTC, datetime
 
 from firmware_protocol import SpeechStarted, Transcript, encode_message
-from service.device_sim import send_utterance
-from service.tail import Formatter
+from service.tools.device_sim import send_utterance
+from service.tools.tail import Formatter
 from tests.conftest import REPO, BridgeProcess
 
 

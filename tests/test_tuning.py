@@ -18,7 +18,7 @@ from firmware_protocol import (
     Transcript,
     VadEngine,
 )
-from service.device_sim import frames_of
+from service.tools.device_sim import frames_of
 from tests.conftest import BridgeProcess
 from tests.device import RawDevice
 

@@ -22,14 +22,14 @@ from firmware_protocol import (
     VadEngine,
     decode_bridge_message,
 )
-from service.backends import SessionOptions
 from service.config import Config, ConfigError, SessionConfig, parse_config
-from service.device_sim import frames_of
-from service.publisher import DevicePublisher
-from service.session import Session, SessionServices
-from service.sessions import effective_tuning
-from service.vad import SileroModel, VadBatcher
-from service.vad_engines import GatedScorer, RemoteScorer, SileroScorer, VadCounts, VadEngines, WebrtcScorer
+from service.endpointing.engines import GatedScorer, RemoteScorer, SileroScorer, VadCounts, VadEngines, WebrtcScorer
+from service.endpointing.silero import SileroModel, VadBatcher
+from service.ingest.router import effective_tuning
+from service.outputs.publisher import DevicePublisher
+from service.recognition import SessionOptions
+from service.session.turn import Session, SessionServices
+from service.tools.device_sim import frames_of
 from tests.conftest import BridgeProcess
 from tests.device import RawDevice
 from tests.fakes.silero_vad_server import FakeSileroVadServer
@@ -297,7 +297,7 @@ async def test_vad_url_failure_counts_as_speech(speech: dict, batcher: VadBatche
 async def test_fake_batch_api_answers_like_the_server(speech: dict, fake: FakeSileroVadServer) -> None:
     import httpx
 
-    from service.vad_engines import wav_bytes
+    from service.wav import wav_bytes
 
     async with httpx.AsyncClient() as client:
         missing = await client.post(fake.batch_url, files={"other": ("a.wav", b"x")})

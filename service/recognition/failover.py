@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
-from service.backends.base import (
+from service.recognition.base import (
     BackendError,
     Recognition,
     RecognitionStream,

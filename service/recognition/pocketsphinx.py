@@ -24,8 +24,9 @@ import numpy as np
 import structlog
 
 from firmware_protocol import EndReason, ErrorCode
-from service.backends import _sphinx_worker as worker
-from service.backends.base import (
+from service.config import AsrConfig
+from service.recognition import _sphinx_worker as worker
+from service.recognition.base import (
     BackendError,
     Recognition,
     RecognitionStream,
@@ -33,7 +34,6 @@ from service.backends.base import (
     StreamListener,
     TranscriptionBackend,
 )
-from service.config import AsrConfig
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import io
 import logging
-import wave
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -34,9 +32,10 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from firmware_protocol import EndReason, ErrorCode
+from firmware_protocol import SAMPLE_RATE, EndReason, ErrorCode
 from service import __version__
-from service.backends.base import (
+from service.config import AsrConfig
+from service.recognition.base import (
     BackendError,
     BatchStream,
     Recognition,
@@ -45,9 +44,9 @@ from service.backends.base import (
     StreamListener,
     TranscriptionBackend,
 )
-from service.backends.http import pooled_transport
-from service.backends.retry import RetryPolicy, retry_after_seconds
-from service.config import AsrConfig
+from service.recognition.http import pooled_transport
+from service.recognition.retry import RetryPolicy, retry_after_seconds
+from service.wav import wav_bytes
 
 log = structlog.get_logger(__name__)
 _ws_log = logging.getLogger(f"{__name__}.websocket")
@@ -58,7 +57,6 @@ REALTIME_PATH = "/v1/speech-to-text/realtime"
 BATCH_PATH = "/v1/speech-to-text"
 REALTIME_MODEL = "scribe_v2_realtime"
 BATCH_MODEL = "scribe_v1"
-SAMPLE_RATE = 16000
 BYTES_PER_MS = SAMPLE_RATE * 2 // 1000
 MIN_CHUNK_BYTES = 100 * BYTES_PER_MS
 """Audio is coalesced to at least 100 ms a message: 20 ms device frames would be 5x the messages."""
@@ -219,16 +217,6 @@ def _dropped(reason: str) -> BackendError:
 
 def _no_speech(language: str | None = None) -> Recognition:
     return Recognition("", language=language, reason=EndReason.NO_SPEECH)
-
-
-def wav_bytes(pcm: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(SAMPLE_RATE)
-        wav.writeframes(pcm.astype("<i2", copy=False).tobytes())
-    return buffer.getvalue()
 
 
 # The backend ------------------------------------------------------------------------------------------------

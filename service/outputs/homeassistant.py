@@ -16,7 +16,7 @@ Entities are available while the bridge's retained ``<prefix>/status`` says ``on
 bridge's last will marks them unavailable. Home Assistant's birth message (``online`` on
 ``<discovery_prefix>/status``) makes the bridge announce every device it knows again.
 
-The module is fed by :class:`~service.publisher.DevicePublisher` observers: it sees each bridge →
+The module is fed by :class:`~service.outputs.publisher.DevicePublisher` observers: it sees each bridge →
 device message (a handful per utterance) and never touches the audio path.
 """
 
@@ -94,7 +94,7 @@ class HomeAssistant:
     # Inputs -------------------------------------------------------------------------------------
 
     def observe(self, device_id: str, message: BridgeMessage) -> None:
-        """A :class:`~service.publisher.DevicePublisher` observer; never raises into the publisher."""
+        """A :class:`~service.outputs.publisher.DevicePublisher` observer; never raises into the publisher."""
         try:
             self._observe(device_id, message)
         except Exception:

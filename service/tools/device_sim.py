@@ -21,6 +21,8 @@ import aiomqtt
 import numpy as np
 
 from firmware_protocol import (
+    SAMPLE_RATE,
+    SAMPLES_PER_MS,
     AudioFrame,
     BridgeMessage,
     Endpointing,
@@ -36,8 +38,8 @@ from firmware_protocol import (
     encode_message,
     ends_session,
 )
-from service.audio_files import UnsupportedAudio, read_wav_16k_mono
-from service.describe import describe
+from service.tools.describe import describe
+from service.wav import UnsupportedAudio, read_wav_16k_mono
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +52,7 @@ def frames_of(
     pcm: np.ndarray, session_id: int, frame_ms: int = 20, *, last: bool = False, start_seq: int = 0
 ) -> list[AudioFrame]:
     """Cut int16 samples into protocol frames; FIRST on seq 0, LAST on the final one if asked."""
-    step = 16 * frame_ms
+    step = SAMPLES_PER_MS * frame_ms
     chunks = [pcm[i : i + step] for i in range(0, len(pcm), step)] or [pcm[:0]]
     frames = []
     for i, chunk in enumerate(chunks):
@@ -106,7 +108,7 @@ async def send_utterance(
             audio_topic = topics.device(device_id, TopicKind.AUDIO)
             frames = frames_of(pcm, session_id, frame_ms, last=push_to_talk)
             if not push_to_talk:
-                silence = np.zeros(int(16000 * trailing_silence_s), dtype=np.int16)
+                silence = np.zeros(int(SAMPLE_RATE * trailing_silence_s), dtype=np.int16)
                 frames += frames_of(silence, session_id, frame_ms, start_seq=len(frames))
             for i, frame in enumerate(frames):
                 if speech_ended.is_set():

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 
 from firmware_protocol import ProtocolError, decode_bridge_message, is_valid_device_id
-from service.describe import describe
+from service.tools.describe import describe
 
 Write = Callable[[str], None]
 

@@ -2,7 +2,7 @@
 
 One policy for every backend: HTTP (``Retry-After``, ``retry-after-ms``) and WebSocket
 reconnects alike. Whether an error is worth retrying is the caller's decision, carried
-by :class:`~service.backends.base.BackendError` (``retryable``).
+by :class:`~service.recognition.base.BackendError` (``retryable``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from service.backends.base import BackendError
+from service.recognition.base import BackendError
 
 T = TypeVar("T")
 

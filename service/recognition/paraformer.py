@@ -22,8 +22,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.protocol import State
 
-from firmware_protocol import EndReason, ErrorCode
-from service.backends.base import (
+from firmware_protocol import SAMPLE_RATE, EndReason, ErrorCode
+from service.config import AsrConfig
+from service.recognition.base import (
     BackendError,
     Recognition,
     RecognitionStream,
@@ -31,8 +32,7 @@ from service.backends.base import (
     StreamListener,
     TranscriptionBackend,
 )
-from service.backends.retry import RetryPolicy, retry_after_seconds
-from service.config import AsrConfig
+from service.recognition.retry import RetryPolicy, retry_after_seconds
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +57,7 @@ class _Parameters(msgspec.Struct):
     disfluency_removal_enabled: bool
     heartbeat: bool
     format: str = "pcm"
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
     language_hints: list[str] | msgspec.UnsetType = msgspec.UNSET
     max_sentence_silence: int | msgspec.UnsetType = msgspec.UNSET
 

@@ -18,6 +18,8 @@ import numpy as np
 import structlog
 
 from firmware_protocol import (
+    SAMPLE_RATE,
+    SAMPLES_PER_MS,
     BridgeMessage,
     Configured,
     Endpointing,
@@ -29,22 +31,13 @@ from firmware_protocol import (
     SpeechStarted,
     Transcript,
 )
-from service.backends import BackendError, Recognition, RecognitionStream, SessionOptions, TranscriptionBackend
 from service.config import SessionConfig, VadConfig
-from service.metrics import SessionMetrics
-from service.publisher import DevicePublisher
-from service.vad import (
-    WINDOW,
-    Endpointer,
-    SpeechPause,
-    SpeechResumed,
-    SpeechStart,
-    TurnEnd,
-    VadBatcher,
-)
-from service.vad_engines import VadEngines, VadScorer
-
-SAMPLES_PER_MS = 16
+from service.endpointing.endpointer import WINDOW, Endpointer, SpeechPause, SpeechResumed, SpeechStart, TurnEnd
+from service.endpointing.engines import VadEngines, VadScorer
+from service.endpointing.silero import VadBatcher
+from service.observability.metrics import SessionMetrics
+from service.outputs.publisher import DevicePublisher
+from service.recognition import BackendError, Recognition, RecognitionStream, SessionOptions, TranscriptionBackend
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +79,7 @@ class Session:
         self._outbox: asyncio.Queue[BridgeMessage | None] = asyncio.Queue()
         self._cancelled = asyncio.Event()
         self._samples = 0
-        self._max_samples = int(tuning.max_utterance_s * 16000)
+        self._max_samples = int(tuning.max_utterance_s * SAMPLE_RATE)
         self._stream: RecognitionStream | None = None
         self._started_ms: int | None = None
         self._first_partial_from: float | None = None
@@ -186,7 +179,7 @@ class Session:
             await asyncio.wait(sending)
 
     async def _turn(self) -> None:
-        self._emit(Listening(session=self.session_id, endpointing=self.endpointing, sample_rate=16000))
+        self._emit(Listening(session=self.session_id, endpointing=self.endpointing, sample_rate=SAMPLE_RATE))
         try:
             end = await self._listen()
             self._emit(SpeechEnded(session=self.session_id, offset_ms=end.offset_ms, reason=end.reason))

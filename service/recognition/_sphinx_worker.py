@@ -11,6 +11,8 @@ import signal
 
 from pocketsphinx import Decoder
 
+from firmware_protocol import SAMPLE_RATE
+
 _decoder: Decoder | None = None
 _in_utterance = False
 _initial_cmn = ""
@@ -25,7 +27,7 @@ def init(jsgf: str | None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # No flat-lexicon second pass: end_utt drops from ~100-160 ms to ~20-30 ms on our
     # fixtures with the same transcripts, and the final is what the device waits for.
-    _decoder = Decoder(samprate=16000, loglevel="FATAL", fwdflat=False)
+    _decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL", fwdflat=False)
     _initial_cmn = _decoder.get_cmn()
     if jsgf:
         _decoder.add_jsgf_string("commands", jsgf)

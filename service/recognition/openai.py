@@ -9,7 +9,6 @@ instead of paying a TLS handshake each.
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -18,9 +17,10 @@ import msgspec
 import numpy as np
 import structlog
 
-from firmware_protocol import EndReason, ErrorCode
+from firmware_protocol import SAMPLE_RATE, EndReason, ErrorCode
 from service import __version__
-from service.backends.base import (
+from service.config import AsrConfig
+from service.recognition.base import (
     BackendError,
     BatchStream,
     Recognition,
@@ -29,13 +29,12 @@ from service.backends.base import (
     StreamListener,
     TranscriptionBackend,
 )
-from service.backends.http import pooled_transport
-from service.backends.retry import RetryPolicy, retry_after_seconds
-from service.config import AsrConfig
+from service.recognition.http import pooled_transport
+from service.recognition.retry import RetryPolicy, retry_after_seconds
+from service.wav import wav_bytes
 
 log = structlog.get_logger(__name__)
 
-SAMPLE_RATE = 16000
 KEEPALIVE_CONNECTIONS = 64
 """Idle connections kept warm; bursts beyond it open (and later close) more, up to the limit."""
 """Pooled connections to the ASR server; turns beyond this wait for one (within ``timeout_s``)."""
@@ -67,16 +66,6 @@ class _StreamEvent(msgspec.Struct):
     delta: str | None = None
     text: str | None = None
     error: _VendorError | None = None
-
-
-def wav_bytes(pcm: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
-    """The WAV EchoKit uploads: RIFF, 16-byte ``fmt `` chunk, PCM, mono, 16-bit little-endian."""
-    data = pcm.astype("<i2").tobytes()
-    header = struct.pack(
-        "<4sI4s4sIHHIIHH4sI",
-        *(b"RIFF", 36 + len(data), b"WAVE", b"fmt ", 16, 1, 1, rate, rate * 2, 2, 16, b"data", len(data)),
-    )
-    return header + data
 
 
 def echokit_text(raw: str) -> str:

@@ -1,13 +1,18 @@
-"""WAV files → 16 kHz mono int16, for the device simulator and tests."""
+"""PCM and WAV: the one WAV writer and reader of the bridge, its tools and tests.
+
+Recognisers upload 16 kHz mono 16-bit WAVs (:func:`wav_bytes`, the file EchoKit uploads: RIFF, a
+16-byte ``fmt `` chunk, PCM); the device simulator reads any 16-bit WAV (:func:`read_wav_16k_mono`).
+"""
 
 from __future__ import annotations
 
+import io
 import wave
 from pathlib import Path
 
 import numpy as np
 
-TARGET_RATE = 16000
+from firmware_protocol import SAMPLE_RATE
 
 
 class UnsupportedAudio(ValueError):
@@ -30,8 +35,8 @@ def read_wav_16k_mono(path: str | Path) -> np.ndarray:
         )
     samples = np.frombuffer(data, dtype="<i2").reshape(-1, channels).astype(np.float64)
     mono = samples.mean(axis=1)
-    if rate != TARGET_RATE:
-        mono = _resample(mono, rate, TARGET_RATE)
+    if rate != SAMPLE_RATE:
+        mono = _resample(mono, rate, SAMPLE_RATE)
     pcm: np.ndarray = np.clip(np.round(mono), -32768, 32767).astype(np.int16)
     return pcm
 
@@ -50,9 +55,16 @@ def _resample(signal: np.ndarray, rate: int, target: int) -> np.ndarray:
     return resampled
 
 
-def write_wav(path: str | Path, pcm: np.ndarray, rate: int = TARGET_RATE) -> None:
-    with wave.open(str(path), "wb") as wav:
+def wav_bytes(pcm: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
+    """A mono 16-bit PCM WAV of ``pcm`` (int16 samples), as bytes."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
         wav.setframerate(rate)
-        wav.writeframes(pcm.astype("<i2").tobytes())
+        wav.writeframes(pcm.astype("<i2", copy=False).tobytes())
+    return buffer.getvalue()
+
+
+def write_wav(path: str | Path, pcm: np.ndarray, rate: int = SAMPLE_RATE) -> None:
+    Path(path).write_bytes(wav_bytes(pcm, rate))

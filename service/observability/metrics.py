@@ -38,7 +38,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from firmware_protocol import ErrorCode
-from service.backends.base import (
+from service.recognition.base import (
     BackendError,
     Recognition,
     RecognitionStream,
@@ -50,9 +50,9 @@ from service.backends.base import (
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from service.mqtt import MqttLink
-    from service.sessions import SessionManager
-    from service.vad_engines import VadEngines
+    from service.endpointing.engines import VadEngines
+    from service.ingest.router import SessionManager
+    from service.link.connection import MqttLink
 
 PREFIX = "echokit_bridge"
 
@@ -89,7 +89,7 @@ FRAME_COUNTERS = (
 
 @dataclass(frozen=True, slots=True)
 class SessionMetrics:
-    """What a :class:`~service.session.Session` observes, at most twice per utterance."""
+    """What a :class:`~service.session.turn.Session` observes, at most twice per utterance."""
 
     final_latency: Histogram
     first_partial: Histogram

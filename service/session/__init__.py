@@ -1,0 +1,1 @@
+"""Stage 4 of the data path: one utterance of one device, from ``listening`` to its final, in order."""

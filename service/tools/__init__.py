@@ -1,0 +1,1 @@
+"""Command-line tools beside the running service: the device simulator, ``tail``, a private broker."""
