@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from firmware_protocol import VadEngine
 from service.endpointing.endpointer import WINDOW
 from service.endpointing.engines import VadEngines, VadScorer
-from service.endpointing.silero import SileroModel, VadBatcher, SileroState
+from service.endpointing.silero import SileroModel, SileroState, VadBatcher
 from service.wav import read_wav_16k_mono
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import numpy as np
 from firmware_protocol import EndReason
 from service.config import VadConfig
 from service.endpointing.endpointer import WINDOW, Endpointer, SpeechPause, SpeechStart, TurnEnd
-from service.endpointing.silero import SileroModel, VadBatcher, SileroState
+from service.endpointing.silero import SileroModel, SileroState, VadBatcher
 
 
 def _run(probabilities: list[float], config: VadConfig | None = None, no_speech_ms: int = 3000) -> list[object]:
