@@ -9,8 +9,9 @@ Not meant to be run by hand. Both roles speak the same line protocol with the pa
 
 ``--role bridge`` runs :class:`service.bridge.Bridge` with an instant fake backend (a
 :class:`RecognitionStream` whose ``finish`` returns a fixed text at once), so everything
-measured is the bridge's own overhead. ``--role subscriber`` is the ceiling: a bare
-aiomqtt MQTT 5 client on the same audio filter, counting messages and nothing else.
+measured is the bridge's own overhead. ``--role subscriber`` is the ceiling: the bridge's own
+MQTT connection (:class:`service.link.transport.MqttConnection`) on the same audio filter, counting
+messages and nothing else.
 """
 
 from __future__ import annotations
@@ -18,21 +19,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 import threading
 import time
 from typing import Any
 
-import aiomqtt
 import numpy as np
-from paho.mqtt import client as mqtt_client
 
 from firmware_protocol import Topics
 from service.bridge import Bridge
 from service.config import parse_config
-from service.link.connection import _dispatching_queue
+from service.link.transport import ConnectOptions, MqttConnection
 from service.observability.logs import configure
 from service.recognition import Recognition, RecognitionStream, SessionOptions, TranscriptionBackend
 
@@ -74,17 +72,17 @@ class InstantBackend(TranscriptionBackend):
 
 
 class CountingBridge(Bridge):
-    """The real bridge; only counts audio messages on their way into the session manager."""
+    """The real bridge; only counts audio messages on their way into the message router."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.audio_messages = 0
         self._audio_suffix = "/in/audio"
 
-    def _dispatch(self, message: object) -> None:
-        if message.topic.value.endswith(self._audio_suffix):  # type: ignore[attr-defined]
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        if topic.endswith(self._audio_suffix):
             self.audio_messages += 1
-        super()._dispatch(message)
+        super()._dispatch(topic, payload)
 
 
 # Experiments: candidate fixes, measured without touching service/ (off by default) -----------------
@@ -161,16 +159,12 @@ def proc_status_kb(field: str) -> int:
 
 
 class WindowProbe:
-    """Counter snapshots at the window edges, plus backlog and event-loop lag inside it."""
+    """Counter snapshots at the window edges, plus event-loop lag inside it."""
 
-    def __init__(self, count: Any, backlog: Any) -> None:
+    def __init__(self, count: Any) -> None:
         self.gc = GcMeter()
         self._count = count  # () -> int
-        self._backlog = backlog  # () -> int
         self.snap: dict[str, float] = {}
-        self.backlog_max = 0
-        self.backlog_sum = 0
-        self.samples = 0
         self.lags_ms: list[float] = []
 
     async def run(self, w0: float, w1: float) -> None:
@@ -182,20 +176,13 @@ class WindowProbe:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             now = time.monotonic()
             self.lags_ms.append((now - next_at) * 1000)
-            backlog = self._backlog()
-            self.backlog_max = max(self.backlog_max, backlog)
-            self.backlog_sum += backlog
-            self.samples += 1
             next_at += SAMPLE_EVERY_S
         await asyncio.sleep(max(0.0, w1 - time.monotonic()))
         self.snap["t1"], self.snap["n1"] = time.monotonic(), self._count()
         self.gc.enabled = False
 
     def result(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "backlog_max": self.backlog_max,
-            "backlog_mean": self.backlog_sum / self.samples if self.samples else 0.0,
-        }
+        out: dict[str, Any] = {}
         if "n1" in self.snap:
             dt = self.snap["t1"] - self.snap["t0"]
             out["window_s"] = dt
@@ -243,30 +230,6 @@ class GcMeter:
         }
 
 
-class QueueFullCounter(logging.Handler):
-    """aiomqtt logs (does not raise) when its bounded incoming queue drops a message."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.dropped = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "queue is full" in record.getMessage():
-            self.dropped += 1
-
-
-def _queue_len(client: aiomqtt.Client | None) -> int:
-    return len(client.messages) if client is not None else 0
-
-
-async def drain(backlog: Any, seconds: float = 5.0) -> None:
-    """Give a backlog (if any) time to be worked off, so totals count what the receiver could take."""
-    for _ in range(int(seconds / 0.05)):
-        if not backlog():
-            return
-        await asyncio.sleep(0.05)
-
-
 async def _serve(lines: asyncio.Queue[str], probe: WindowProbe) -> None:
     go = json.loads(await lines.get())
     probe_task = asyncio.create_task(probe.run(go["w0"], go["w1"]))
@@ -305,8 +268,6 @@ listen = "127.0.0.1:0"
 """
     )
     configure(config.log.level, config.log.format)
-    drops = QueueFullCounter()
-    logging.getLogger("mqtt").addHandler(drops)
     backend = InstantBackend()
     bridge = CountingBridge(config, backend=backend)
     apply_experiments(args.experiment)
@@ -316,10 +277,8 @@ listen = "127.0.0.1:0"
         await bridge.link.connected.wait()
     emit({"ready": {"pid": os.getpid(), "rss_kb": proc_status_kb("VmRSS")}})
 
-    probe = WindowProbe(lambda: bridge.audio_messages, lambda: _queue_len(bridge.link._client))
+    probe = WindowProbe(lambda: bridge.audio_messages)
     await _serve(lines, probe)
-    # Let a backlog (if any) drain a little so "total" counts what the bridge could take.
-    await drain(lambda: _queue_len(bridge.link._client))
     sessions = bridge.sessions.stats
     emit(
         {
@@ -327,13 +286,12 @@ listen = "127.0.0.1:0"
                 **probe.result(),
                 "audio_messages": bridge.audio_messages,
                 "messages": sessions.messages,
-                "rejected": sessions.rejected,
+                "rejected": sum(sessions.rejected_by_code.values()),
                 "sessions_started": sessions.sessions_started,
                 "sessions_refused": sessions.sessions_refused,
                 "backend_streams": backend.opened,
                 "published": bridge.link.stats.published,
                 "publish_dropped": bridge.link.stats.publish_dropped,
-                "queue_full_drops": drops.dropped,
                 "peak_rss_kb": proc_status_kb("VmHWM"),
                 "rss_kb": proc_status_kb("VmRSS"),
             }
@@ -349,53 +307,34 @@ listen = "127.0.0.1:0"
 
 async def run_subscriber(args: argparse.Namespace) -> None:
     topics = Topics(args.prefix)
-    drops = QueueFullCounter()
-    logging.getLogger("mqtt").addHandler(drops)
     lines = stdin_lines()
     count = 0
 
-    def count_one(message: object) -> None:
+    def count_one(topic: str, payload: bytes) -> None:
         nonlocal count
         count += 1
 
-    # Same client options as the bridge's MqttLink: protocol, clean start, messages handed to
-    # the handler as paho reads them (service.link.connection's dispatching queue), audio subscribed at
-    # QoS 1 (delivered at QoS 0 because devices publish at 0).
-    async with aiomqtt.Client(
-        args.host,
-        args.port,
-        identifier=f"bench-bare-subscriber-{os.getpid()}",
-        protocol=aiomqtt.ProtocolVersion.V5 if args.protocol == 5 else aiomqtt.ProtocolVersion.V311,
-        clean_start=True if args.protocol == 5 else mqtt_client.MQTT_CLEAN_START_FIRST_ONLY,
-        clean_session=None if args.protocol == 5 else True,
-        queue_type=_dispatching_queue(count_one),  # type: ignore[arg-type]
-        timeout=10,
-    ) as client:
-        await client.subscribe(topics.audio_filter, qos=1)
-
-        async def counter() -> None:
-            async for _ in client.messages:  # waits for a disconnect; messages go to count_one
-                pass
-
+    # The bridge's own connection and options (protocol, clean session, messages handed to the
+    # handler as paho reads them), audio subscribed at QoS 1 (delivered at 0: devices publish at 0).
+    options = ConnectOptions(
+        f"mqtt://{args.host}:{args.port}", identifier=f"bench-bare-subscriber-{os.getpid()}", protocol=args.protocol
+    )
+    async with MqttConnection(options, count_one) as connection:
+        await connection.subscribe(topics.audio_filter, qos=1)
         apply_experiments(args.experiment)
-
-        counting = asyncio.create_task(counter())
         emit({"ready": {"pid": os.getpid(), "rss_kb": proc_status_kb("VmRSS")}})
-        probe = WindowProbe(lambda: count, lambda: _queue_len(client))
+        probe = WindowProbe(lambda: count)
         await _serve(lines, probe)
-        await drain(lambda: _queue_len(client))
         emit(
             {
                 "result": {
                     **probe.result(),
                     "audio_messages": count,
-                    "queue_full_drops": drops.dropped,
                     "peak_rss_kb": proc_status_kb("VmHWM"),
                     "rss_kb": proc_status_kb("VmRSS"),
                 }
             }
         )
-        counting.cancel()
 
 
 def main() -> None:

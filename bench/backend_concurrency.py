@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 
 from _lag import LagMonitor  # noqa: E402
 
-from service.config import AsrConfig  # noqa: E402
+from service.config import OpenAISettings  # noqa: E402
 from service.recognition import SessionOptions  # noqa: E402
 from service.recognition.openai import OpenAIBackend  # noqa: E402
 from service.wav import read_wav_16k_mono, wav_bytes  # noqa: E402
@@ -86,7 +86,7 @@ async def run(args: argparse.Namespace, port: int) -> dict[str, Any]:
 
     audio = read_wav_16k_mono(ROOT / "tests" / "fixtures" / "what_time.wav")
     url = f"http://127.0.0.1:{port}/v1/audio/transcriptions"
-    config = AsrConfig(
+    config = OpenAISettings(
         platform="openai",
         url=url,
         api_key=KEY,

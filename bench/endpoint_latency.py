@@ -52,13 +52,15 @@ from firmware_protocol import (
     decode_bridge_message,
 )
 from service.config import AsrConfig, Config, SessionConfig, VadConfig
+from service.endpointing.engines import VadEngines
 from service.endpointing.silero import SileroModel, VadBatcher
-from service.ingest.router import effective_tuning
+from service.endpointing.tuning import effective_tuning
 from service.observability.logs import configure as configure_logs
 from service.outputs.publisher import DevicePublisher
 from service.recognition import Recognition, SessionOptions
 from service.recognition.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
-from service.session.turn import Session, SessionServices
+from service.session.services import SessionServices
+from service.session.turn import Session
 from service.wav import read_wav_16k_mono
 
 CHUNK = 320  # 20 ms, a device frame
@@ -104,7 +106,7 @@ async def one_turn(
 
     limits = SessionConfig()
     services = SessionServices(
-        backend=backend, vad=batcher, publisher=DevicePublisher(Topics(), publish, 1024), session=limits
+        backend=backend, engines=VadEngines(batcher), publisher=DevicePublisher(Topics(), publish, 1024)
     )
     tuning = session_tuning(vad_config, limits)
     session = Session("bench", 1, services, tuning=tuning, options=SessionOptions())
@@ -145,7 +147,7 @@ async def one_turn(
 
 
 def session_tuning(vad: VadConfig, limits: SessionConfig) -> Configured:
-    """What the session manager hands a session: server VAD with ``vad``'s values."""
+    """What the ingest stage hands a session: server VAD with ``vad``'s values."""
     config = Config(asr=AsrConfig(vad=vad), session=limits)
     return effective_tuning(config, EndpointingOverrides(endpointing=Endpointing.SERVER_VAD))
 

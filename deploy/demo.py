@@ -14,8 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiomqtt
-
+from service.link.client import mqtt_client
 from service.tools.devbroker import PrivateMosquitto
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,8 +22,8 @@ SAMPLE = REPO / "tests" / "fixtures" / "weather.wav"
 PREFIX = "echokit"
 
 
-async def wait_online(host: str, port: int, timeout: float = 60) -> None:
-    async with asyncio.timeout(timeout), aiomqtt.Client(host, port) as client:
+async def wait_online(url: str, timeout: float = 60) -> None:
+    async with asyncio.timeout(timeout), mqtt_client(url, identifier="echokit-demo") as client:
         await client.subscribe(f"{PREFIX}/status", qos=1)
         async for message in client.messages:
             if json.loads(bytes(message.payload)).get("state") == "online":  # type: ignore[arg-type]
@@ -48,7 +47,7 @@ def main() -> int:
         )
         try:
             started = time.monotonic()
-            asyncio.run(wait_online(broker.host, broker.port))
+            asyncio.run(wait_online(broker.url))
             print(f"== bridge online after {time.monotonic() - started:.1f} s; a device says: {SAMPLE.name}")
             code = subprocess.call(
                 [

@@ -36,15 +36,18 @@ from firmware_protocol.messages import (
     decode_device_message,
     encode_message,
 )
+from firmware_protocol.routing import DEVICE_TOPIC_KINDS, STATUS_QOS, Route, device_route
 from firmware_protocol.topics import DEFAULT_PREFIX, TopicKind, Topics, is_valid_device_id
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "DEVICE_TOPIC_KINDS",
     "HEADER_SIZE",
     "MAGIC",
     "PROTOCOL_VERSION",
     "SAMPLES_PER_MS",
     "SAMPLE_RATE",
+    "STATUS_QOS",
     "AudioFrame",
     "BridgeMessage",
     "BridgeStatus",
@@ -61,6 +64,7 @@ __all__ = [
     "FrameFlags",
     "Listening",
     "ProtocolError",
+    "Route",
     "SpeechEnded",
     "SpeechStarted",
     "Start",
@@ -70,6 +74,7 @@ __all__ = [
     "VadEngine",
     "decode_bridge_message",
     "decode_device_message",
+    "device_route",
     "encode_message",
     "ends_session",
     "is_valid_device_id",

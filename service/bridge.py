@@ -12,70 +12,25 @@ import gc
 import signal
 import uuid
 
-import aiomqtt
 import structlog
 
 from firmware_protocol import Topics
 from service import __version__
-from service.config import PLATFORM_ALIASES, AsrConfig, Config
+from service.config import Config
 from service.endpointing.engines import VadEngines
 from service.endpointing.silero import SileroModel, VadBatcher
-from service.ingest.router import SessionManager
+from service.ingest.router import MessageRouter
 from service.link.connection import MqttLink
 from service.observability.health import HealthServer
 from service.observability.metrics import BridgeMetrics
 from service.outputs.homeassistant import HomeAssistant
 from service.outputs.publisher import DevicePublisher
-from service.recognition import BackendError, TranscriptionBackend
-from service.session.turn import SessionServices
+from service.recognition import TranscriptionBackend
+from service.recognition.registry import build_backends, final_timeout
+from service.redact import redact_url
+from service.session.services import SessionServices
 
 log = structlog.get_logger(__name__)
-
-
-def build_backends(asr: AsrConfig, metrics: BridgeMetrics | None = None) -> TranscriptionBackend:
-    """The primary backend, wrapped with its ``[[asr.fallback]]`` list when there is one.
-
-    With ``metrics``, each backend's requests are timed under its own name.
-    """
-
-    def build(table: AsrConfig) -> TranscriptionBackend:
-        backend = build_backend(table)
-        return metrics.instrument(backend) if metrics is not None else backend
-
-    primary = build(asr)
-    if not asr.fallback:
-        return primary
-    from service.recognition.failover import FailoverBackend
-
-    return FailoverBackend([primary, *(build(fallback) for fallback in asr.fallback)])
-
-
-def build_backend(asr: AsrConfig) -> TranscriptionBackend:
-    """One backend from an ``[asr]`` table; modules load lazily so unused SDK-free code stays cold."""
-    platform = PLATFORM_ALIASES.get(asr.platform)
-    if platform == "pocketsphinx":
-        from service.recognition.pocketsphinx import PocketsphinxBackend
-
-        return PocketsphinxBackend(asr)
-    if platform == "openai":
-        from service.recognition.openai import OpenAIBackend
-
-        return OpenAIBackend(asr)
-    if platform == "paraformer_v2":
-        from service.recognition.paraformer import ParaformerBackend
-
-        return ParaformerBackend(asr)
-    if platform == "elevenlabs":
-        from service.recognition.elevenlabs import ElevenLabsBackend
-
-        return ElevenLabsBackend(asr)
-    raise BackendError(f"asr.platform {asr.platform!r} is not available", retryable=False)
-
-
-def final_timeout(asr: AsrConfig) -> float:
-    """How long a session waits for its final: every attempt of every backend, with backoff, and slack."""
-    per_backend = [(b.timeout_s + 4.0) * (b.max_retries + 1) for b in (asr, *asr.fallback)]
-    return max(30.0, sum(per_backend) + 5.0)
 
 
 class Bridge:
@@ -85,7 +40,7 @@ class Bridge:
         self.topics = Topics(config.mqtt.topic_prefix)
         self.metrics = BridgeMetrics(version=__version__) if config.metrics.enabled else None
         if backend is None:
-            self.backend = build_backends(config.asr, self.metrics)
+            self.backend = build_backends(config.asr, self.metrics.instrument if self.metrics is not None else None)
         else:  # from a test or a benchmark; a failover chain given whole is timed as one backend
             self.backend = self.metrics.instrument(backend) if self.metrics is not None else backend
         chain = backend or self.backend
@@ -93,6 +48,7 @@ class Bridge:
         self.vad_engines = VadEngines.from_config(self.vad, config.asr)
         ha = config.homeassistant
         self._ha_status = f"{ha.discovery_prefix}/status"
+        """Home Assistant's birth (``online``) and will (``offline``): discovery is sent again on ``online``."""
         self.link = MqttLink(
             config.mqtt,
             self.topics,
@@ -108,14 +64,12 @@ class Bridge:
             publisher.observers.append(self.homeassistant.observe)
         services = SessionServices(
             backend=self.backend,
-            vad=self.vad,
+            engines=self.vad_engines,
             publisher=publisher,
-            session=config.session,
             final_timeout_s=final_timeout(config.asr),
             metrics=self.metrics.session if self.metrics is not None else None,
-            engines=self.vad_engines,
         )
-        self.sessions = SessionManager(config, self.topics, services)
+        self.sessions = MessageRouter(config, self.topics, services)
         self._stop = asyncio.Event()
         self._backend_started = False
         self.health: HealthServer | None = None
@@ -125,23 +79,22 @@ class Bridge:
                 sessions=self.sessions,
                 link=self.link,
                 vad=self.vad_engines,
-                failovers=lambda: int(getattr(chain, "failovers", 0)),  # a FailoverBackend counts them
+                failovers=lambda: chain.failovers,  # the unwrapped backend: a FailoverBackend counts them
             )
             host, port = config.metrics.address
             self.health = HealthServer(host, port, metrics=self.metrics.exposition, not_ready=self.not_ready)
 
-    def _dispatch(self, message: object) -> None:
+    def _dispatch(self, topic: str, payload: bytes) -> None:
         try:
-            self.sessions.handle(message)  # type: ignore[arg-type]
+            self.sessions.handle(topic, payload)
         except Exception:  # a bug on one message must not take the bridge down
             log.exception("dispatch.failed")
 
-    def _dispatch_with_homeassistant(self, message: aiomqtt.Message) -> None:
-        if self.homeassistant is not None and message.topic.value == self._ha_status:
-            if isinstance(message.payload, bytes | bytearray):
-                self.homeassistant.on_status(message.payload)
+    def _dispatch_with_homeassistant(self, topic: str, payload: bytes) -> None:
+        if self.homeassistant is not None and topic == self._ha_status:
+            self.homeassistant.on_status(payload)
             return
-        self._dispatch(message)
+        self._dispatch(topic, payload)
 
     def stop(self) -> None:
         self._stop.set()
@@ -168,12 +121,16 @@ class Bridge:
             raise
         self._backend_started = True
         # Models, pools and modules are loaded for good: move them out of the collector's sight,
-        # so its full passes stay short (they cost 30-40 ms each otherwise, measured in bench/).
+        # so its full passes stay short (bench/README.md has what they cost otherwise).
         gc.collect()
         gc.freeze()
         asr = self.config.asr
         if asr.vad_url or asr.vad_realtime_url:
-            log.info("vad.remote", vad_url=asr.vad_url or None, vad_realtime_url=asr.vad_realtime_url or None)
+            log.info(
+                "vad.remote",
+                vad_url=redact_url(asr.vad_url) if asr.vad_url else None,
+                vad_realtime_url=redact_url(asr.vad_realtime_url) if asr.vad_realtime_url else None,
+            )
         log.info("bridge.starting", instance=self.instance, backend=self.backend.name, prefix=self.topics.prefix)
         try:
             async with asyncio.TaskGroup() as tg:

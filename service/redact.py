@@ -30,9 +30,9 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError:
-        head, at, tail = url.rpartition("@")
-        scheme, sep, _ = head.partition("://")
-        return f"{scheme}{sep}{MASK}@{tail}" if at else url
+        return _mask_userinfo(url)
+    if not parts.netloc:  # no host: not a URL (``user:pw@host`` parses as scheme ``user``)
+        return _mask_userinfo(url)
     netloc = parts.netloc
     userinfo, at, hostport = netloc.rpartition("@")
     if at:
@@ -42,6 +42,14 @@ def redact_url(url: str) -> str:
     if query:
         query = urlencode([(key, MASK) for key, _ in parse_qsl(query, keep_blank_values=True)], safe="*")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _mask_userinfo(text: str) -> str:
+    head, at, tail = text.rpartition("@")
+    if not at:
+        return text
+    scheme, sep, _ = head.partition("://")
+    return f"{scheme}{sep}{MASK}@{tail}" if sep else f"{MASK}@{tail}"
 
 
 class Redactor:

@@ -1,4 +1,4 @@
-"""PCM and WAV: the one WAV writer and reader of the bridge, its tools and tests.
+"""PCM and WAV: the one WAV writer and reader of the bridge and its tools.
 
 Recognisers upload 16 kHz mono 16-bit WAVs (:func:`wav_bytes`, the file EchoKit uploads: RIFF, a
 16-byte ``fmt `` chunk, PCM); the device simulator reads any 16-bit WAV (:func:`read_wav_16k_mono`).
@@ -11,6 +11,7 @@ import wave
 from pathlib import Path
 
 import numpy as np
+import soxr
 
 from firmware_protocol import SAMPLE_RATE
 
@@ -35,36 +36,18 @@ def read_wav_16k_mono(path: str | Path) -> np.ndarray:
         )
     samples = np.frombuffer(data, dtype="<i2").reshape(-1, channels).astype(np.float64)
     mono = samples.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        mono = _resample(mono, rate, SAMPLE_RATE)
+    if rate != SAMPLE_RATE:  # libsoxr, high quality: a band-limited filter, no wrap-around at the file's ends
+        mono = soxr.resample(mono, rate, SAMPLE_RATE)
     pcm: np.ndarray = np.clip(np.round(mono), -32768, 32767).astype(np.int16)
     return pcm
 
 
-def _resample(signal: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Band-limited resampling by zero-padding/truncating the spectrum (files are short)."""
-    n_out = round(len(signal) * target / rate)
-    if n_out == 0:
-        return np.zeros(0)
-    spectrum = np.fft.rfft(signal)
-    keep = n_out // 2 + 1
-    out = np.zeros(keep, dtype=complex)
-    n = min(keep, len(spectrum))
-    out[:n] = spectrum[:n]
-    resampled: np.ndarray = np.fft.irfft(out, n_out) * (n_out / len(signal))
-    return resampled
-
-
-def wav_bytes(pcm: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
-    """A mono 16-bit PCM WAV of ``pcm`` (int16 samples), as bytes."""
+def wav_bytes(pcm: np.ndarray) -> bytes:
+    """A 16 kHz mono 16-bit PCM WAV of ``pcm`` (int16 samples), as bytes."""
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
-        wav.setframerate(rate)
+        wav.setframerate(SAMPLE_RATE)
         wav.writeframes(pcm.astype("<i2", copy=False).tobytes())
     return buffer.getvalue()
-
-
-def write_wav(path: str | Path, pcm: np.ndarray, rate: int = SAMPLE_RATE) -> None:
-    Path(path).write_bytes(wav_bytes(pcm, rate))

@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiomqtt
 import numpy as np
 import pytest
 
+from service.link.client import mqtt_client
 from service.tools.devbroker import PrivateMosquitto
 from service.wav import read_wav_16k_mono
 
@@ -33,10 +33,12 @@ REPO = Path(__file__).parent.parent
 class Broker:
     host: str
     port: int
+    ca_file: str | None = None
+    """Set for a TLS listener: the CA that signed its certificate (then ``url`` is ``mqtts://``)."""
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.ca_file else 'mqtt'}://{self.host}:{self.port}"
 
 
 def _docker_engine() -> bool:
@@ -79,6 +81,7 @@ class BridgeProcess:
                 f"""
                 [mqtt]
                 url = "{broker.url}"
+                ca_file = "{broker.ca_file or ""}"
                 topic_prefix = "{self.prefix}"
                 {mqtt_extra}
                 [log]
@@ -124,7 +127,8 @@ class BridgeProcess:
 async def wait_for_status(broker: Broker, prefix: str, state: str, timeout: float) -> dict[str, object] | None:
     import json
 
-    async with asyncio.timeout(timeout), aiomqtt.Client(broker.host, broker.port) as client:
+    client = mqtt_client(broker.url, identifier=f"wait-{uuid.uuid4().hex[:8]}", ca_file=broker.ca_file)
+    async with asyncio.timeout(timeout), client:
         await client.subscribe(f"{prefix}/status", qos=1)
         async for message in client.messages:
             status = json.loads(bytes(message.payload))  # type: ignore[arg-type]

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from firmware_protocol import Endpointing
-from service.config import ConfigError, load_config, parse_config
+from service.config import (
+    ConfigError,
+    ElevenLabsSettings,
+    OpenAISettings,
+    ParaformerSettings,
+    PocketsphinxSettings,
+    load_config,
+    parse_config,
+)
 
 CONFIG_DIR = Path(__file__).parent.parent / "config"
 
@@ -166,3 +174,47 @@ def test_a_devices_table_is_checked_with_its_lines(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace("webrtc_mode = 7", "webrtc_mode = 0"))
     config = load_config(path)
     assert config.devices.tuning["garage"].webrtc_mode == 0 and config.asr.vad.webrtc_mode == 2
+
+
+@pytest.mark.parametrize(
+    ("platform", "settings"),
+    [
+        ("pocketsphinx", PocketsphinxSettings),
+        ("openai", OpenAISettings),
+        ("Whisper", OpenAISettings),
+        ("paraformer_v2", ParaformerSettings),
+        ("elevenlabs", ElevenLabsSettings),
+    ],
+)
+def test_the_platform_chooses_the_settings_struct(platform: str, settings: type) -> None:
+    config = parse_config(f'[asr]\nplatform = "{platform}"\ntimeout_s = 4\n[[asr.fallback]]\nplatform = "openai"\n')
+    assert type(config.asr.backend) is settings and config.asr.backend.timeout_s == 4
+    assert type(config.asr.fallback[0].backend) is OpenAISettings and config.asr.fallback[0].backend.timeout_s == 10
+
+
+def test_our_keys_of_another_platform_are_errors_with_their_lines() -> None:
+    text = """[asr]
+platform = "openai"
+stream = true
+decoders = 3
+[[asr.fallback]]
+platform = "pocketsphinx"
+mode = "batch"
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "bridge.toml")
+    found = {(p.field, p.line) for p in caught.value.problems}
+    assert found == {("asr.decoders", 4), ("asr.fallback[0].mode", 7)}
+    assert "bridge.toml:4: asr.decoders: a setting of platform pocketsphinx, not of 'openai'" in str(caught.value)
+
+
+def test_echokits_paraformer_token_is_accepted_under_any_platform() -> None:
+    config = parse_config('[asr]\nplatform = "whisper"\nparaformer_token = "sk-left-over"\n')
+    assert isinstance(config.asr.backend, OpenAISettings)
+
+
+def test_an_unparsable_broker_url_is_a_problem_not_a_crash() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config('[mqtt]\nurl = "mqtt://bridge:hunter2@[broker"\n')
+    (problem,) = caught.value.problems
+    assert problem.field == "mqtt.url" and "hunter2" not in problem.message

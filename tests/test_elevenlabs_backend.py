@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from firmware_protocol import EndReason, ErrorCode
-from service.config import AsrConfig
+from service.config import ElevenLabsSettings
 from service.recognition.base import BackendError, Recognition, RecognitionStream, SessionOptions
 from service.recognition.elevenlabs import ElevenLabsBackend, endpoints
 from service.wav import read_wav_16k_mono
@@ -55,7 +55,7 @@ async def fake() -> AsyncIterator[FakeElevenLabs]:
         yield server
 
 
-def config(url: str, **overrides: Any) -> AsrConfig:
+def config(url: str, **overrides: Any) -> ElevenLabsSettings:
     settings: dict[str, Any] = {
         "platform": "elevenlabs",
         "url": url,
@@ -65,7 +65,7 @@ def config(url: str, **overrides: Any) -> AsrConfig:
         "max_retries": 1,
     }
     settings.update(overrides)
-    return AsrConfig(**settings)
+    return ElevenLabsSettings(**settings)
 
 
 async def feed(stream: RecognitionStream, pcm: np.ndarray, *, pace: float = 0.0) -> None:

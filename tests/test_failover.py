@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from firmware_protocol import ErrorCode
+from service.config import parse_config
 from service.recognition import BackendError, Recognition, SessionOptions
 from service.recognition.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
 from service.recognition.failover import FailoverBackend
+from service.recognition.registry import build_backends, final_timeout
 
 
 class ScriptedBackend(TranscriptionBackend):
@@ -54,6 +56,7 @@ async def test_fallback_takes_over_with_all_the_audio_and_names_itself() -> None
     result = await _utterance(failover)
     assert result.text == "pocketsphinx heard 960" and result.backend == "pocketsphinx"
     assert failover.failovers == 1
+    assert (primary.failovers, fallback.failovers) == (0, 0)  # every backend has the count; only a chain counts
     again = await _utterance(failover)
     assert again.backend == "openai"  # one failure does not open the circuit
 
@@ -89,3 +92,22 @@ async def test_last_backend_failing_raises_its_error() -> None:
     with pytest.raises(BackendError) as caught:
         await _utterance(FailoverBackend([primary, fallback]))
     assert caught.value.code is ErrorCode.BACKEND_RATE_LIMITED
+
+
+def test_the_registry_puts_the_fallback_list_behind_the_primary() -> None:
+    config = parse_config(
+        '[asr]\nplatform = "openai"\nurl = "http://127.0.0.1:1/v1"\n[[asr.fallback]]\nplatform = "pocketsphinx"\n'
+    )
+    chain = build_backends(config.asr)
+    assert isinstance(chain, FailoverBackend)
+    assert [backend.name for backend in chain.backends] == ["openai", "pocketsphinx"]
+    assert chain.failovers == 0
+    wrapped: list[str] = []
+
+    def wrap(backend: TranscriptionBackend) -> TranscriptionBackend:
+        wrapped.append(backend.name)
+        return backend
+
+    single = build_backends(parse_config("").asr, wrap)
+    assert single.name == "pocketsphinx" and wrapped == ["pocketsphinx"]
+    assert final_timeout(config.asr) == max(30.0, (10 + 4.0) * 3 * 2 + 5.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -15,13 +16,19 @@ import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
-from firmware_protocol import EndReason, Error, SpeechEnded, Transcript, VadEngine
+from firmware_protocol import EndReason, Error, ErrorCode, SpeechEnded, Transcript, VadEngine
+from service.observability.health import HealthServer
+from service.observability.metrics import BridgeMetrics
+from service.recognition import BackendError, SessionOptions
 from service.tools.devbroker import PrivateMosquitto
 from service.tools.device_sim import frames_of, send_utterance
 from tests.conftest import BridgeProcess, Broker
 from tests.device import RawDevice
+from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.fakes.silero_vad_server import FakeSileroVadServer
+from tests.test_failover import Listener, ScriptedBackend
 
 POCKETSPHINX = """
 [asr]
@@ -168,6 +175,41 @@ async def test_vad_engine_counters_after_server_vad_sessions(make_bridge: object
     assert "vad.remote_failed" in bridge.log()
 
 
+async def test_a_failover_is_counted_with_the_error_that_caused_it(make_bridge: object, speech: dict) -> None:
+    async with FakeOpenAI(api_key="sk-test", default=Fault.server_error(500)) as failing:
+        bridge: BridgeProcess = make_bridge(  # type: ignore[operator]
+            f"""
+            [asr]
+            platform = "openai"
+            url = "{failing.url}"
+            api_key = "sk-test"
+            model = "whisper-1"
+            max_retries = 0
+            [[asr.fallback]]
+            platform = "pocketsphinx"
+            decoders = 1
+            [metrics]
+            listen = "127.0.0.1:0"
+            """
+        )
+        port = metrics_port(bridge)
+        assert value(await scrape(port), "echokit_bridge_backend_failovers_total") == 0
+        received = await send_utterance(
+            bridge.broker.url, "metrics03", speech["what_time"], prefix=bridge.prefix, speed=0, push_to_talk=True
+        )
+    final = received[-1].message
+    assert isinstance(final, Transcript) and final.backend == "pocketsphinx"
+    after = await scrape(port)
+    assert value(after, "echokit_bridge_backend_failovers_total") == 1
+    openai_errors = [
+        v
+        for (name, labels), v in after.items()
+        if name == "echokit_bridge_backend_errors_total" and ("backend", "openai") in labels
+    ]
+    assert sum(openai_errors) == 1  # under the code the HTTP policy gives a 500
+    assert value(after, "echokit_bridge_backend_request_duration_seconds_count", backend="pocketsphinx") == 1
+
+
 async def test_health_endpoints_and_unknown_paths(make_bridge: object) -> None:
     bridge: BridgeProcess = make_bridge(POCKETSPHINX)  # type: ignore[operator]
     port = metrics_port(bridge)
@@ -205,6 +247,22 @@ async def test_a_request_head_too_large_or_too_slow_is_refused(make_bridge: obje
     assert (await get(port, "/healthz")).status_code == 200
 
 
+async def test_a_taken_port_is_logged_not_raised() -> None:
+    """Devices matter more than metrics: the bridge runs on without its health server."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = HealthServer("127.0.0.1", port, metrics=lambda: b"", not_ready=lambda: None)
+        with capture_logs() as logs:
+            assert await server.start() is False
+        await server.serve()  # returns at once: nothing to serve
+        await server.close()
+    assert server.port is None
+    assert [event["event"] for event in logs] == ["metrics.listen_failed"]
+    assert f"127.0.0.1:{port}" in logs[0]["listen"]
+
+
 async def test_readyz_fails_when_the_broker_is_gone(tmp_path: Path) -> None:
     with PrivateMosquitto() as private:
         bridge = BridgeProcess(Broker(private.host, private.port), tmp_path, POCKETSPHINX).start()
@@ -238,3 +296,30 @@ def test_a_bad_listen_address_is_a_config_error(listen: str) -> None:
         parse_config(f'[metrics]\nlisten = "{listen}"\n')
     assert [p.field for p in caught.value.problems] == ["metrics.listen"]
     assert "host:port" in str(caught.value)
+
+
+async def test_each_backend_is_timed_and_its_errors_counted_under_a_label_of_its_own() -> None:
+    """Two backends of one name (Groq, then OpenAI) get two labels; any exception is ``internal``."""
+    metrics = BridgeMetrics(version="0.1.0")
+    failing = ScriptedBackend("openai", [BackendError("slow down", code=ErrorCode.BACKEND_RATE_LIMITED)])
+    first, second = metrics.instrument(ScriptedBackend("openai")), metrics.instrument(failing)
+    assert (first.name, second.name) == ("openai", "openai")
+    failing.errors.append(RuntimeError("a bug"))  # type: ignore[arg-type]  # not a BackendError
+    for backend in (first, second, second, second):
+        stream = backend.open(SessionOptions(device_id="d"), Listener())
+        stream.feed(np.zeros(160, dtype=np.int16))
+        try:
+            await stream.finish()
+        except (BackendError, RuntimeError):
+            pass
+    samples = {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for sample in family.samples
+    }
+    duration = "echokit_bridge_backend_request_duration_seconds_count"
+    assert (value(samples, duration, backend="openai"), value(samples, duration, backend="openai#2")) == (1, 3)
+    errors = "echokit_bridge_backend_errors_total"
+    assert value(samples, errors, backend="openai#2", code="backend_rate_limited") == 1
+    assert value(samples, errors, backend="openai#2", code="internal") == 1
+    assert sum(v for (name, _), v in samples.items() if name == errors) == 2

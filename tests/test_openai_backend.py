@@ -7,21 +7,23 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import structlog
+from aiohttp import web
 
 from firmware_protocol import EndReason, ErrorCode
-from service.config import AsrConfig
+from service.config import OpenAISettings, parse_config
 from service.recognition.base import BackendError, Recognition, SessionOptions
 from service.recognition.openai import OpenAIBackend, echokit_text
+from service.recognition.registry import build_backend
 from service.wav import read_wav_16k_mono
+from tests.fakes._loopback import serve
 from tests.fakes.openai_server import Drop, FakeOpenAI, Fault, Hang, ReceivedRequest, Transcript
 
 KEY = "sk-proj-SECRET0123456789abcdefSECRET"
@@ -40,24 +42,23 @@ async def fake() -> AsyncIterator[FakeOpenAI]:
         yield server
 
 
-def config(fake: FakeOpenAI, **overrides: Any) -> AsrConfig:
+def config(fake: FakeOpenAI, **overrides: Any) -> OpenAISettings:
     settings: dict[str, Any] = {
         "platform": "openai",
         "url": fake.url,
         "api_key": KEY,
         "model": "whisper-1",
-        "lang": "en",
         "timeout_s": 5.0,
         "connect_timeout_s": 2.0,
         "max_retries": 2,
     }
     settings.update(overrides)
-    return AsrConfig(**settings)
+    return OpenAISettings(**settings)
 
 
 @asynccontextmanager
-async def running(asr: AsrConfig, **kwargs: Any) -> AsyncIterator[OpenAIBackend]:
-    backend = OpenAIBackend(asr, **kwargs)
+async def running(asr: OpenAISettings) -> AsyncIterator[OpenAIBackend]:
+    backend = OpenAIBackend(asr)
     await backend.start()
     try:
         yield backend
@@ -109,7 +110,7 @@ def free_port() -> int:
 
 async def test_request_is_echokits(fake: FakeOpenAI, pcm: np.ndarray) -> None:
     prompt = "Hello\n你好\n(noise)\n(bgm)\n(silence)\n"
-    async with running(config(fake, prompt=prompt)) as backend:
+    async with running(config(fake)) as backend:
         result = await recognise(backend, pcm, SessionOptions(language="en", prompt=prompt))
     assert result == Recognition("Hello.", language="en")
     (seen,) = fake.requests
@@ -127,7 +128,7 @@ async def test_request_is_echokits(fake: FakeOpenAI, pcm: np.ndarray) -> None:
 
 async def test_empty_settings_are_left_out(pcm: np.ndarray) -> None:
     async with FakeOpenAI(require_model=False) as local:
-        async with running(config(local, api_key="", model="", lang="")) as backend:
+        async with running(config(local, api_key="", model="")) as backend:
             result = await recognise(backend, pcm, SessionOptions())
     assert result.text == "Hello."
     (seen,) = local.requests
@@ -137,8 +138,14 @@ async def test_empty_settings_are_left_out(pcm: np.ndarray) -> None:
 
 
 async def test_language_and_prompt_come_from_the_session(fake: FakeOpenAI, pcm: np.ndarray) -> None:
-    async with running(config(fake, lang="en", prompt="config prompt")) as backend:
+    table = f'[asr]\nplatform = "openai"\nurl = "{fake.url}"\napi_key = "{KEY}"\nmodel = "whisper-1"\n'
+    table += 'lang = "en"\nprompt = "config prompt"\n'
+    backend = build_backend(parse_config(table).asr)
+    assert isinstance(backend, OpenAIBackend)
+    try:
         result = await recognise(backend, pcm, SessionOptions(language="zh", prompt="device prompt"))
+    finally:
+        await backend.aclose()
     assert result.language == "zh"
     assert fake.requests[0].fields["language"] == ["zh"]
     assert fake.requests[0].fields["prompt"] == ["device prompt"]
@@ -198,16 +205,28 @@ async def test_text_by_audio(fake: FakeOpenAI, pcm: np.ndarray) -> None:
     assert short.text == "0.50 seconds"
 
 
-async def test_missing_text_is_no_speech_via_transport_seam(pcm: np.ndarray) -> None:
-    seen: list[httpx.Request] = []
+@asynccontextmanager
+async def answering(reply: Callable[[], web.Response]) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A loopback server that answers every transcription request with ``reply()``; yields its URL and the bodies."""
+    bodies: list[bytes] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={"x_groq": {"id": "req_1"}})
+    async def handle(request: web.Request) -> web.Response:
+        bodies.append(await request.read())
+        return reply()
 
-    asr = AsrConfig(platform="openai", url="http://asr.invalid/v1/audio/transcriptions", api_key=KEY)
-    async with running(asr, transport=httpx.MockTransport(handler)) as backend:
-        result = await recognise(backend, pcm)
+    app = web.Application()
+    app.router.add_post("/v1/audio/transcriptions", handle)
+    runner, port = await serve(app)
+    try:
+        yield f"http://127.0.0.1:{port}/v1/audio/transcriptions", bodies
+    finally:
+        await runner.cleanup()
+
+
+async def test_missing_text_is_no_speech(pcm: np.ndarray) -> None:
+    async with answering(lambda: web.json_response({"x_groq": {"id": "req_1"}})) as (url, seen):
+        async with running(OpenAISettings(platform="openai", url=url, api_key=KEY)) as backend:
+            result = await recognise(backend, pcm)
     assert result == Recognition("", reason=EndReason.NO_SPEECH)
     assert len(seen) == 1
 
@@ -220,16 +239,10 @@ async def test_a_too_short_utterance_is_not_sent(fake: FakeOpenAI, pcm: np.ndarr
 
 
 async def test_non_json_success_is_an_error(pcm: np.ndarray) -> None:
-    asr = AsrConfig(platform="openai", url="http://asr.invalid/v1/audio/transcriptions", max_retries=2)
-    calls = 0
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal calls
-        calls += 1
-        return httpx.Response(200, text="<html>proxy login</html>")
-
-    async with running(asr, transport=httpx.MockTransport(handler)) as backend:
-        error = await failure(backend, pcm)
+    async with answering(lambda: web.Response(text="<html>proxy login</html>")) as (url, seen):
+        async with running(OpenAISettings(platform="openai", url=url, max_retries=2)) as backend:
+            error = await failure(backend, pcm)
+    calls = len(seen)
     assert error.code is ErrorCode.BACKEND_ERROR
     assert "proxy login" in str(error)
     assert (error.retryable, error.failover, calls) == (False, True, 1)
@@ -431,7 +444,7 @@ async def test_dropped_every_time(fake: FakeOpenAI, pcm: np.ndarray) -> None:
 
 async def test_connection_refused(pcm: np.ndarray) -> None:
     url = f"http://127.0.0.1:{free_port()}/v1/audio/transcriptions"
-    asr = AsrConfig(platform="openai", url=url, api_key=KEY, max_retries=1)
+    asr = OpenAISettings(platform="openai", url=url, api_key=KEY, max_retries=1)
     async with running(asr) as backend:
         error = await failure(backend, pcm)
     assert error.code is ErrorCode.BACKEND_UNAVAILABLE
@@ -441,7 +454,7 @@ async def test_connection_refused(pcm: np.ndarray) -> None:
 async def test_start_refuses_a_url_that_cannot_work() -> None:
     for url in ("", "ws://127.0.0.1/v1/audio/transcriptions", "127.0.0.1:9000/v1/audio/transcriptions"):
         with pytest.raises(BackendError) as raised:
-            await OpenAIBackend(AsrConfig(platform="openai", url=url)).start()
+            await OpenAIBackend(OpenAISettings(platform="openai", url=url)).start()
         assert not raised.value.retryable
 
 
@@ -540,7 +553,7 @@ async def test_cancel_without_finish(fake: FakeOpenAI, pcm: np.ndarray) -> None:
 async def test_one_pool_for_many_concurrent_utterances(pcm: np.ndarray) -> None:
     limit = 8
     async with FakeOpenAI(api_key=KEY, default=Transcript(lambda r: f"{len(r.audio)} bytes", latency_s=0.05)) as fake:
-        async with running(config(fake), max_connections=limit) as backend:
+        async with running(config(fake, max_connections=limit)) as backend:
             for wave in range(2):
                 lengths = [8000 + 160 * i for i in range(50)]
                 results = await asyncio.gather(*(recognise(backend, pcm[:n]) for n in lengths))

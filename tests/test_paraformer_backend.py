@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from firmware_protocol import EndReason, ErrorCode
-from service.config import AsrConfig
+from service.config import ParaformerSettings
 from service.recognition.base import BackendError, Recognition, RecognitionStream, SessionOptions
 from service.recognition.paraformer import DEFAULT_URL, ParaformerBackend, join_sentences
 from service.wav import read_wav_16k_mono
@@ -52,7 +52,7 @@ class Listener:
         self.ended.set()
 
 
-def asr(fake: FakeDashScope, **overrides: Any) -> AsrConfig:
+def asr(fake: FakeDashScope, **overrides: Any) -> ParaformerSettings:
     settings: dict[str, Any] = {
         "platform": "paraformer_v2",
         "url": fake.ws_url,
@@ -62,7 +62,7 @@ def asr(fake: FakeDashScope, **overrides: Any) -> AsrConfig:
         "max_retries": 2,
     }
     settings.update(overrides)
-    return AsrConfig(**settings)
+    return ParaformerSettings(**settings)
 
 
 @asynccontextmanager
@@ -73,7 +73,7 @@ async def dashscope(**kwargs: Any) -> AsyncIterator[FakeDashScope]:
 
 
 @asynccontextmanager
-async def running(config: AsrConfig, **kwargs: Any) -> AsyncIterator[ParaformerBackend]:
+async def running(config: ParaformerSettings, **kwargs: Any) -> AsyncIterator[ParaformerBackend]:
     backend = ParaformerBackend(config, **kwargs)
     await backend.start()
     try:
@@ -108,8 +108,8 @@ async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
 
 async def test_run_task_and_finish_task_as_echokit_sends_them(what_time: np.ndarray) -> None:
     async with dashscope() as fake:
-        config = asr(fake, lang="en", max_sentence_silence=800, disfluency_removal_enabled=True)
-        async with running(config) as backend:
+        config = asr(fake, max_sentence_silence=800, disfluency_removal_enabled=True)
+        async with running(config, language="en") as backend:
             result = await utterance(backend, what_time)
     assert result == Recognition(WHAT_TIME, language="en")
     headers = fake.connections[0].headers
@@ -160,7 +160,7 @@ async def test_optional_parameters_are_left_out_and_model_is_configurable(what_t
 
 
 async def test_session_language_wins_over_the_configured_one(what_time: np.ndarray) -> None:
-    async with dashscope() as fake, running(asr(fake, lang="zh")) as backend:
+    async with dashscope() as fake, running(asr(fake), language="zh") as backend:
         stream = backend.open(SessionOptions(device_id="d", language="en"), Listener())
         await feed(stream, what_time)
         result = await stream.finish()
@@ -169,13 +169,13 @@ async def test_session_language_wins_over_the_configured_one(what_time: np.ndarr
 
 
 def test_default_url_when_empty() -> None:
-    backend = ParaformerBackend(AsrConfig(platform="paraformer_v2", paraformer_token="k"))
+    backend = ParaformerBackend(ParaformerSettings(platform="paraformer_v2", paraformer_token="k"))
     assert backend.url == DEFAULT_URL == "wss://dashscope.aliyuncs.com/api-ws/v1/inference"
     assert backend.name == "paraformer_v2"
 
 
 async def test_start_refuses_an_empty_token() -> None:
-    backend = ParaformerBackend(AsrConfig(platform="paraformer_v2"))
+    backend = ParaformerBackend(ParaformerSettings(platform="paraformer_v2"))
     with pytest.raises(BackendError) as caught:
         await backend.start()
     assert caught.value.code is ErrorCode.BACKEND_AUTH

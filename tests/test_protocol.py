@@ -610,7 +610,8 @@ def test_protocol_md_hex_example_is_the_first_frame_vector(protocol_md: str) -> 
 
 def test_protocol_md_limits_match_the_defaults(protocol_md: str) -> None:
     from service.config import Config
-    from service.ingest.router import ERROR_INTERVAL_S, MAX_CONTROL_BYTES, QUIET_FLUSH_S
+    from service.ingest.devices import ERROR_INTERVAL_S, QUIET_FLUSH_S
+    from service.ingest.router import MAX_CONTROL_BYTES
 
     session = Config().session
     expected = {

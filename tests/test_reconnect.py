@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
+from service.link.backoff import Backoff
+from service.link.client import mqtt_client
+from service.link.transport import ConnectOptions, LinkError, MqttConnection
 from service.tools.devbroker import PrivateMosquitto
 from service.tools.device_sim import send_utterance
 from tests.conftest import BridgeProcess, Broker, wait_for_status
@@ -41,3 +45,71 @@ async def test_bridge_on_mqtt_5(make_bridge: object, speech: dict) -> None:
         bridge.broker.url, "v5", speech["what_time"], prefix=bridge.prefix, speed=0, push_to_talk=True
     )
     assert received[-1].message.text == "what time is it"  # type: ignore[union-attr]
+
+
+def test_backoff_doubles_to_its_max_with_jitter_and_starts_over_after_a_connection() -> None:
+    top = Backoff(0.5, 4.0, jitter="half", uniform=lambda low, high: high)
+    assert [top.next_wait() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    top.reset()
+    assert top.delay == 0.5 and top.next_wait() == 0.5
+    half = Backoff(1.0, 30.0, jitter="half", uniform=lambda low, high: low)
+    full = Backoff(1.0, 30.0, jitter="full", uniform=lambda low, high: low)
+    assert (half.next_wait(), full.next_wait()) == (0.5, 0.0)
+    real = Backoff(1.0, 8.0, jitter="full")
+    waits = [real.next_wait() for _ in range(200)]
+    assert all(0.0 <= w <= 8.0 for w in waits) and len(set(waits)) > 100
+
+
+async def test_messages_reach_the_handler_as_read_without_a_queue_or_a_task(broker: Broker) -> None:
+    """The receive seam: the handler runs from the socket's reader callback, never from a task."""
+    received: list[tuple[str, bytes, bool]] = []
+    got_all = asyncio.Event()
+    prefix = f"seam{uuid.uuid4().hex[:8]}"
+
+    def handler(topic: str, payload: bytes) -> None:
+        received.append((topic, payload, asyncio.current_task() is None))
+        if len(received) == 50:
+            got_all.set()
+
+    options = ConnectOptions(broker.url, identifier=f"seam-{prefix}")
+    async with MqttConnection(options, handler) as listener, mqtt_client(broker.url, identifier=f"pub-{prefix}") as pub:
+        await listener.subscribe(f"{prefix}/+/in/audio", qos=1)
+        for i in range(50):
+            await pub.publish(f"{prefix}/dev{i % 3}/in/audio", bytes([i]) * 4, qos=i % 2)
+        async with asyncio.timeout(10):
+            await got_all.wait()
+    assert [(t, p) for t, p, _ in received] == [(f"{prefix}/dev{i % 3}/in/audio", bytes([i]) * 4) for i in range(50)]
+    assert all(type(p) is bytes for _, p, _ in received)
+    assert all(outside_a_task for _, _, outside_a_task in received)
+
+
+async def test_the_connection_reports_a_lost_broker_and_fails_what_was_in_flight() -> None:
+    """A broker that dies: ``wait_closed`` returns, and publishing afterwards raises instead of hanging."""
+    with PrivateMosquitto() as private:
+        options = ConnectOptions(private.url, identifier="lost-broker", timeout_s=2)
+        async with MqttConnection(options, lambda topic, payload: None) as connection:
+            await connection.publish("lost/a", b"x", qos=1)
+            private.stop()
+            async with asyncio.timeout(10):
+                reason = await connection.wait_closed()
+            assert reason
+            try:
+                await connection.publish("lost/b", b"y", qos=1)
+            except LinkError:
+                pass
+            else:
+                raise AssertionError("a publish on a lost connection must raise LinkError")
+
+
+async def test_connecting_to_nothing_raises_link_error_within_the_timeout() -> None:
+    with PrivateMosquitto() as private:
+        url = private.url
+    options = ConnectOptions(url, identifier="nobody-home", timeout_s=2)
+    try:
+        async with asyncio.timeout(5):
+            async with MqttConnection(options, lambda topic, payload: None):
+                pass
+    except LinkError as exc:
+        assert "connecting to 127.0.0.1" in str(exc)
+    else:
+        raise AssertionError("connecting to a closed port must raise LinkError")

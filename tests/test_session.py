@@ -13,13 +13,15 @@ from firmware_protocol import (
     Transcript,
     decode_bridge_message,
 )
-from service.config import Config, SessionConfig
+from service.config import Config
+from service.endpointing.engines import VadEngines
 from service.endpointing.silero import SileroModel, VadBatcher
-from service.ingest.router import effective_tuning
+from service.endpointing.tuning import effective_tuning
 from service.outputs.publisher import DevicePublisher
 from service.recognition import Recognition, SessionOptions
 from service.recognition.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
-from service.session.turn import Session, SessionServices
+from service.session.services import SessionServices
+from service.session.turn import Session
 
 
 class CountingBatchBackend(TranscriptionBackend):
@@ -53,9 +55,8 @@ async def _run_session(backend: TranscriptionBackend, audio: np.ndarray) -> list
     runner = asyncio.create_task(batcher.run())
     services = SessionServices(
         backend=backend,
-        vad=batcher,
+        engines=VadEngines(batcher),
         publisher=DevicePublisher(Topics(), publish, 1024),
-        session=SessionConfig(),
     )
     tuning = effective_tuning(Config())
     session = Session("dev", 1, services, tuning=tuning, options=SessionOptions())

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firmware_protocol import AudioFrame, FrameFlags
-from service.ingest.reassembly import Arrival, DeviceStream, Reassembler, StreamStats
+from service.ingest.reassembly import Arrival, FrameStats, Reassembler, SessionTracker
 
 
 def _frames(n: int, session: int = 1, size: int = 640, last: bool = True) -> list[AudioFrame]:
@@ -39,7 +39,7 @@ def test_reordering_inside_the_window_and_duplicates_lose_nothing(
         wire.append(frame)
         if rng.random() < dup_rate:
             wire.insert(rng.randint(len(wire) - 1, len(wire)), frame)
-    stats = StreamStats()
+    stats = FrameStats()
     reassembler = Reassembler(window=8, stats=stats)
     out = [chunk for frame in wire for chunk in reassembler.push(frame)]
     out += reassembler.flush()
@@ -54,7 +54,7 @@ def test_reordering_inside_the_window_and_duplicates_lose_nothing(
 def test_lost_frames_become_silence_of_frame_length(n: int, data: st.DataObject) -> None:
     frames = _frames(n)
     lost = data.draw(st.sets(st.integers(1, n - 2), max_size=n // 3)) if n > 2 else set()
-    stats = StreamStats()
+    stats = FrameStats()
     reassembler = Reassembler(window=8, stats=stats)
     out = [chunk for f in frames if f.seq not in lost for chunk in reassembler.push(f)]
     out += reassembler.flush()
@@ -66,7 +66,7 @@ def test_lost_frames_become_silence_of_frame_length(n: int, data: st.DataObject)
 
 def test_a_late_frame_after_its_gap_was_declared_lost_is_counted_late() -> None:
     frames = _frames(20, last=False)
-    stats = StreamStats()
+    stats = FrameStats()
     reassembler = Reassembler(window=4, stats=stats)
     for frame in frames[:2] + frames[3:8]:
         reassembler.push(frame)
@@ -77,7 +77,7 @@ def test_a_late_frame_after_its_gap_was_declared_lost_is_counted_late() -> None:
 
 def test_flush_declares_missing_tail_up_to_the_last_frame() -> None:
     frames = _frames(10)
-    stats = StreamStats()
+    stats = FrameStats()
     reassembler = Reassembler(window=8, stats=stats)
     for frame in frames[:5] + frames[9:]:
         reassembler.push(frame)
@@ -86,8 +86,8 @@ def test_flush_declares_missing_tail_up_to_the_last_frame() -> None:
     assert len(tail) == 4 + 1 and reassembler.complete and stats.lost == 4
 
 
-def test_device_stream_sessions_new_restart_and_stale() -> None:
-    stream = DeviceStream("dev", window=8)
+def test_session_tracker_sessions_new_restart_and_stale() -> None:
+    stream = SessionTracker(window=8)
     first = _frames(5, session=1)
     assert stream.classify(first[0]) is Arrival.STARTS
     stream.begin(1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from firmware_protocol import (
     Configure,
     Configured,
@@ -18,6 +20,8 @@ from firmware_protocol import (
     Transcript,
     VadEngine,
 )
+from service.config import parse_config
+from service.endpointing.tuning import DeviceTuning, TuningRejected
 from service.tools.device_sim import frames_of
 from tests.conftest import BridgeProcess
 from tests.device import RawDevice
@@ -111,3 +115,20 @@ async def test_webrtc_mode_per_device_reaches_the_scorer(make_bridge: object, sp
         again = await tuner.wait_for(lambda m: isinstance(m, Configured) and m is not configured)
         assert isinstance(again, Configured) and (again.vad_engine, again.webrtc_mode) == (VadEngine.WEBRTC, 0)
         assert await noise_heard_as_speech(tuner, 3)
+
+
+def test_tuning_layers_win_in_order_config_devices_table_configure_start() -> None:
+    config = parse_config("[asr.vad]\nhangover_ms = 300\n[devices.d1]\nhangover_ms = 250\nthreshold = 0.6\n")
+    tuning = DeviceTuning(config)
+    assert tuning.effective("other", None, None).hangover_ms == 300
+    assert tuning.effective("d1", None, None).hangover_ms == 250
+    overrides = tuning.reconfigure("d1", None, Configure(hangover_ms=200))
+    overrides = tuning.reconfigure("d1", overrides, Configure(max_silence_duration_ms=400))
+    session = tuning.effective("d1", overrides, Start(session=1, endpointing=Endpointing.PUSH_TO_TALK))
+    assert (session.hangover_ms, session.max_silence_duration_ms, session.threshold) == (200, 400, 0.6)
+    assert session.endpointing is Endpointing.PUSH_TO_TALK
+    reset = tuning.reconfigure("d1", overrides, Configure(reset=True))
+    assert tuning.effective("d1", reset, None).hangover_ms == 250
+    # Validated with the devices table under it: its threshold makes this neg_threshold too high.
+    with pytest.raises(TuningRejected, match=r"^\$\.neg_threshold: must be below threshold \(0\.6\)$"):
+        tuning.reconfigure("d1", reset, Configure(neg_threshold=0.7))

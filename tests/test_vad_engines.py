@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
+import structlog
 
 from firmware_protocol import (
     Configure,
@@ -22,13 +23,14 @@ from firmware_protocol import (
     VadEngine,
     decode_bridge_message,
 )
-from service.config import Config, ConfigError, SessionConfig, parse_config
+from service.config import Config, ConfigError, parse_config
 from service.endpointing.engines import GatedScorer, RemoteScorer, SileroScorer, VadCounts, VadEngines, WebrtcScorer
 from service.endpointing.silero import SileroModel, VadBatcher
-from service.ingest.router import effective_tuning
+from service.endpointing.tuning import effective_tuning
 from service.outputs.publisher import DevicePublisher
 from service.recognition import SessionOptions
-from service.session.turn import Session, SessionServices
+from service.session.services import SessionServices
+from service.session.turn import Session
 from service.tools.device_sim import frames_of
 from tests.conftest import BridgeProcess
 from tests.device import RawDevice
@@ -123,7 +125,7 @@ async def test_remote_events_become_probabilities(speech: dict, batcher: VadBatc
     await scorer.aclose()
     assert scorer.failed is None
     assert set(fake.received_frames) == {1024} and fake.connections == 1
-    assert scorer.events[0] == "speech_start" and scorer.events[-1] == "speech_end"
+    assert fake.events_sent[0] == "speech_start" and fake.events_sent[-1] == "speech_end"
     assert set(probs) == {0.0, 1.0}
     assert probs[0] == 0.0 and probs[-1] == 0.0 and sum(probs) > 20
 
@@ -181,10 +183,8 @@ async def _session(
 
     services = SessionServices(
         backend=backend,
-        vad=engines.batcher,
-        publisher=DevicePublisher(Topics(), publish, 1024),
-        session=SessionConfig(),
         engines=engines,
+        publisher=DevicePublisher(Topics(), publish, 1024),
     )
     tuning = tuning or _tuning(endpointing, engine)
     session = Session("dev", 1, services, tuning=tuning, options=SessionOptions())
@@ -381,3 +381,15 @@ async def test_remote_engine_needs_the_realtime_url(bridge: BridgeProcess) -> No
         await device.control(Configure(vad_engine=VadEngine.REMOTE))
         error = await device.wait_for(lambda m: isinstance(m, Error))
         assert isinstance(error, Error) and "$.vad_engine" in error.message and "vad_realtime_url" in error.message
+
+
+async def test_remote_failure_logs_the_url_without_its_secrets(batcher: VadBatcher) -> None:
+    async with FakeSileroVadServer() as refusing:
+        refusing.refuse = True
+        url = refusing.realtime_url.replace("ws://", "ws://vad:hunter2@") + "?token=s3cret"
+        scorer = RemoteScorer(url, SileroScorer(batcher), connect_timeout_s=2, counts=VadCounts())
+        with structlog.testing.capture_logs() as logs:
+            await scorer.score(np.zeros(512, dtype=np.int16))
+        await scorer.aclose()
+    (line,) = [entry for entry in logs if entry["event"] == "vad.remote_failed"]
+    assert "hunter2" not in line["url"] and "s3cret" not in line["url"] and "token=***" in line["url"]

@@ -21,12 +21,19 @@ import msgspec
 
 from firmware_protocol import Endpointing, EndpointingOverrides, VadEngine, is_valid_device_id
 from service.config.schema import (
+    ECHOKIT_KEYS,
     PLATFORM_ALIASES,
+    SETTINGS,
     AsrConfig,
+    BackendSettings,
     Config,
+    ElevenLabsSettings,
+    ParaformerSettings,
+    PocketsphinxSettings,
     Report,
     parse_listen,
 )
+from service.redact import redact_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +144,14 @@ def _validate(raw: Any, struct: type[msgspec.Struct], path: str, report: Report)
     if not isinstance(raw, dict):
         report(path or "<root>", f"expected a table, got {type(raw).__name__}")
         return {}
-    fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    if struct is AsrConfig:
+        return _validate_asr(raw, path, report)
+    return _validate_fields(raw, {f.encode_name: f for f in msgspec.structs.fields(struct)}, path, report)
+
+
+def _validate_fields(
+    raw: dict[str, Any], fields: dict[str, msgspec.structs.FieldInfo], path: str, report: Report
+) -> dict[str, Any]:
     valid: dict[str, Any] = {}
     for key in raw:
         if key not in fields:
@@ -168,16 +182,54 @@ def _validate(raw: Any, struct: type[msgspec.Struct], path: str, report: Report)
     return valid
 
 
+_ASR_FIELDS = {f.encode_name: f for f in msgspec.structs.fields(AsrConfig) if f.name != "backend"}
+_OURS_BY_PLATFORM = {
+    platform: {f.encode_name for f in msgspec.structs.fields(settings)} - ECHOKIT_KEYS
+    for platform, settings in SETTINGS.items()
+}
+
+
+def _validate_asr(raw: dict[str, Any], path: str, report: Report) -> dict[str, Any]:
+    """An ``[asr]`` (or ``[[asr.fallback]]``) table: its own keys, and the backend keys of its ``platform``."""
+    platform = raw.get("platform", BackendSettings.platform)
+    canonical = PLATFORM_ALIASES.get(platform) if isinstance(platform, str) else None
+    settings = SETTINGS.get(canonical or "", PocketsphinxSettings)
+    known = {f.encode_name for f in msgspec.structs.fields(settings if canonical else BackendSettings)}
+    own: dict[str, Any] = {}
+    backend: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _ASR_FIELDS:
+            own[key] = value
+        elif key in known:
+            backend[key] = value
+        elif key in ECHOKIT_KEYS or (canonical is None and any(key in ours for ours in _OURS_BY_PLATFORM.values())):
+            continue  # EchoKit's key of another platform; or no platform to judge it by (reported later)
+        elif owners := sorted(p for p, ours in _OURS_BY_PLATFORM.items() if key in ours):
+            report(_join(path, key), f"a setting of platform {' / '.join(owners)}, not of {platform!r}")
+        else:
+            report(_join(path, key), f"unknown field (known: {', '.join(sorted(_ASR_FIELDS.keys() | known))})")
+    valid = _validate_fields(own, _ASR_FIELDS, path, report)
+    valid["backend"] = _validate(backend, settings, path, report) | {"backend": canonical or "pocketsphinx"}
+    return valid
+
+
 def _check_mqtt(config: Config, report: Report) -> None:
     mqtt = config.mqtt
-    url = urlsplit(mqtt.url)
-    if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-        shown = mqtt.url.replace(url.password, "***") if url.password else mqtt.url  # never echo a secret
+    if not _is_broker_url(mqtt.url):
+        shown = redact_url(mqtt.url)  # never echo a secret
         report("mqtt.url", f"expected mqtt://host[:port] or mqtts://host[:port], got {shown!r}")
     if mqtt.ca_file and not Path(mqtt.ca_file).is_file():
         report("mqtt.ca_file", f"file not found: {mqtt.ca_file}")
     if not re.fullmatch(r"[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*", mqtt.topic_prefix):
         report("mqtt.topic_prefix", "use letters, digits, '_', '-' and '/' separators, no wildcards")
+
+
+def _is_broker_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed [IPv6 bracket
+        return False
+    return parts.scheme in ("mqtt", "mqtts") and bool(parts.hostname)
 
 
 def _check_asr(config: Config, report: Report) -> None:
@@ -195,10 +247,10 @@ def _check_asr(config: Config, report: Report) -> None:
     if config.asr.vad_realtime_url and urlsplit(config.asr.vad_realtime_url).scheme not in ("ws", "wss"):
         report(
             "asr.vad_realtime_url",
-            f"expected ws://host:port/v1/audio/realtime_vad, got {config.asr.vad_realtime_url!r}",
+            f"expected ws://host:port/v1/audio/realtime_vad, got {redact_url(config.asr.vad_realtime_url)!r}",
         )
     if config.asr.vad_url and urlsplit(config.asr.vad_url).scheme not in ("http", "https"):
-        report("asr.vad_url", f"expected http://host:port/v1/audio/vad, got {config.asr.vad_url!r}")
+        report("asr.vad_url", f"expected http://host:port/v1/audio/vad, got {redact_url(config.asr.vad_url)!r}")
 
 
 _REMOTE_NEEDS_URL = '"remote" needs asr.vad_realtime_url (silero_vad_server\'s ws://host:9093/v1/audio/realtime_vad)'
@@ -208,16 +260,21 @@ def _check_backend(asr: AsrConfig, path: str, report: Report) -> None:
     if asr.platform not in PLATFORM_ALIASES:
         available = ", ".join(sorted(PLATFORM_ALIASES))
         report(f"{path}.platform", f"unknown platform {asr.platform!r} (available: {available})")
-    if asr.grammar and asr.phrases:
-        report(f"{path}.phrases", "set either grammar or phrases, not both")
-    if asr.grammar and not Path(asr.grammar).is_file():
-        report(f"{path}.grammar", f"file not found: {asr.grammar}")
+        return
+    backend = asr.backend
+    if isinstance(backend, PocketsphinxSettings) and backend.grammar:
+        if backend.phrases:
+            report(f"{path}.phrases", "set either grammar or phrases, not both")
+        if not Path(backend.grammar).is_file():
+            report(f"{path}.grammar", f"file not found: {backend.grammar}")
 
 
 def backend_decides_turns(asr: AsrConfig) -> bool:
     """Whether the configured recogniser ends turns itself (needed for ``endpointing = "backend"``)."""
-    platform = PLATFORM_ALIASES.get(asr.platform)
-    return platform == "paraformer_v2" or (platform == "elevenlabs" and asr.commit_strategy == "vad")
+    backend = asr.backend
+    return isinstance(backend, ParaformerSettings) or (
+        isinstance(backend, ElevenLabsSettings) and backend.commit_strategy == "vad"
+    )
 
 
 def _check_session(config: Config, report: Report) -> None:

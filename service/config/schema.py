@@ -2,7 +2,8 @@
 
 ``[asr]`` is the EchoKit server's section accepted as it is (``platform``, ``url``,
 ``api_key``, ``model``, ``lang``, ``prompt``, ``vad_url``, ``paraformer_token``,
-``[asr.vad]``); the rest is ours.
+``[asr.vad]``); the rest is ours. Its recogniser keys become one settings struct per backend
+(:class:`BackendSettings` and its subclasses), chosen by ``platform``.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ class MqttConfig(_Section):
     """MQTT version of the bridge's own connection (devices use either): 3 = 3.1.1, or 5.
 
     3.1.1 by default: the bridge uses no MQTT 5 feature (clean session = clean start with
-    expiry 0), and paho parses MQTT 5 packets about 7x slower, which cost 0.2 core and raised
-    last-frame → final p99 from 33 ms to 508 ms at 100 devices (bench/bridge_throughput.py).
+    expiry 0), and paho parses MQTT 5 packets several times slower, which shows in CPU and in
+    last-frame → final latency with many devices (bench/bridge_throughput.py measures it).
     """
     reconnect_max_s: Positive = 30.0
 
@@ -64,38 +65,26 @@ class VadConfig(_Section):
         return max(min(self.threshold, 0.95) - 0.15, 0.05)
 
 
-class AsrConfig(_Section):
+class BackendSettings(_Section, tag_field="backend"):
+    """What every recogniser's table shares: EchoKit's ``platform``/``url``/``api_key``/``model`` and our timeouts.
+
+    Each backend has a subclass with its own keys; the loader picks it by ``platform`` (its tag is the
+    backend's canonical name from :data:`PLATFORM_ALIASES`). In the file they sit flat in ``[asr]``.
+    """
+
     platform: str = "pocketsphinx"
+    """As written (EchoKit's spellings, see :data:`PLATFORM_ALIASES`)."""
     url: str = ""
     api_key: str = ""
     model: str = ""
-    lang: str = ""
-    prompt: str = ""
-    paraformer_token: str = ""
-    vad_url: str = ""
-    vad_realtime_url: str = ""
-    vad: VadConfig = msgspec.field(default_factory=VadConfig)
-    # Network backends (ours; EchoKit hard-codes 3 attempts x 10 s)
+    # Ours; EchoKit hard-codes 3 attempts x 10 s
     timeout_s: Positive = 10.0
     """HTTP engines: per attempt, request to response. Sockets: the whole ``finish``, shared by its attempts."""
     connect_timeout_s: Positive = 3.0
     max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
-    max_connections: PositiveInt = 256
-    """HTTP engines: one pooled client for all devices, at most this many connections (utterances in flight)."""
-    # openai
-    stream: bool = False
-    """gpt-4o-transcribe family: read SSE ``transcript.text.delta`` events as partials."""
-    # paraformer_v2 (run-task parameters)
-    semantic_punctuation_enabled: bool = True
-    max_sentence_silence: Annotated[int, msgspec.Meta(ge=200, le=6000)] | None = None
-    disfluency_removal_enabled: bool = False
-    heartbeat: bool = False
-    max_sockets: PositiveInt = 100
-    """Concurrent DashScope sockets (one per device, reused across turns)."""
-    # elevenlabs
-    mode: Literal["realtime", "batch"] = "realtime"
-    commit_strategy: Literal["manual", "vad"] = "manual"
-    # pocketsphinx (ours)
+
+
+class PocketsphinxSettings(BackendSettings, tag="pocketsphinx"):
     grammar: str = ""
     """Path to a JSGF grammar; restricts recognition to a command vocabulary."""
     phrases: list[str] = msgspec.field(default_factory=list)
@@ -103,8 +92,67 @@ class AsrConfig(_Section):
     decoders: PositiveInt = 2
     """Pocketsphinx decoders kept loaded; sessions beyond this wait for one."""
     partial_interval_ms: Annotated[int, msgspec.Meta(ge=0)] = 250
+
+
+class OpenAISettings(BackendSettings, tag="openai"):
+    max_connections: PositiveInt = 256
+    """One pooled client for all devices, at most this many connections (utterances in flight)."""
+    stream: bool = False
+    """gpt-4o-transcribe family: read SSE ``transcript.text.delta`` events as partials."""
+
+
+class ParaformerSettings(BackendSettings, tag="paraformer_v2"):
+    paraformer_token: str = ""
+    # run-task parameters
+    semantic_punctuation_enabled: bool = True
+    max_sentence_silence: Annotated[int, msgspec.Meta(ge=200, le=6000)] | None = None
+    disfluency_removal_enabled: bool = False
+    heartbeat: bool = False
+    max_sockets: PositiveInt = 100
+    """Concurrent DashScope sockets (one per device, reused across turns)."""
+
+
+class ElevenLabsSettings(BackendSettings, tag="elevenlabs"):
+    max_connections: PositiveInt = 256
+    """Batch mode: one pooled client for all devices, at most this many connections."""
+    mode: Literal["realtime", "batch"] = "realtime"
+    commit_strategy: Literal["manual", "vad"] = "manual"
+
+
+Settings = PocketsphinxSettings | OpenAISettings | ParaformerSettings | ElevenLabsSettings
+"""One recogniser's settings; which one is chosen by ``platform``."""
+
+SETTINGS: dict[str, type[Settings]] = {
+    "pocketsphinx": PocketsphinxSettings,
+    "openai": OpenAISettings,
+    "paraformer_v2": ParaformerSettings,
+    "elevenlabs": ElevenLabsSettings,
+}
+"""Canonical backend name → its settings struct."""
+
+ECHOKIT_KEYS = frozenset({"paraformer_token"})
+"""EchoKit keys of one platform that any ``[asr]`` table may carry, as EchoKit allows: ignored where unused.
+
+Our own keys of another platform (``stream`` under ``paraformer_v2``, ``decoders`` under ``openai``) are
+errors instead: they would silently do nothing.
+"""
+
+
+class AsrConfig(_Section):
+    """EchoKit's ``[asr]`` table; the recogniser's keys are written beside these and land in ``backend``."""
+
+    backend: Settings = msgspec.field(default_factory=PocketsphinxSettings)
+    lang: str = ""
+    prompt: str = ""
+    vad_url: str = ""
+    vad_realtime_url: str = ""
+    vad: VadConfig = msgspec.field(default_factory=VadConfig)
     fallback: list[AsrConfig] = msgspec.field(default_factory=list)
     """``[[asr.fallback]]``: further backends, in order, for when this one fails or is open-circuit."""
+
+    @property
+    def platform(self) -> str:
+        return self.backend.platform
 
 
 class SessionConfig(_Section):

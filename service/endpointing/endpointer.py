@@ -67,15 +67,10 @@ class Endpointer:
         self._speech_ms = 0
         self._silence_ms = 0
         self._started = False
-        self._start_ms = 0
         self._paused_at: int | None = None
         self._resumed = False
         self._last_voiced_ms = 0
         self.finished = False
-
-    @property
-    def speech_start_ms(self) -> int | None:
-        return self._start_ms if self._started else None
 
     def update(self, probability: float) -> list[EndpointEvent]:
         if self.finished:
@@ -94,7 +89,6 @@ class Endpointer:
         if self._in_speech:
             if not self._started:
                 self._started = True
-                self._start_ms = window_start
                 events.append(SpeechStart(window_start))
             self._speech_ms += WINDOW_MS
             self._silence_ms = 0

@@ -36,6 +36,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from firmware_protocol import SAMPLE_RATE, VadEngine
 from service.config import AsrConfig
 from service.endpointing.silero import _CONTEXT, SileroState, VadBatcher
+from service.recognition import BackendError
+from service.recognition.http import status_error, transport_error
+from service.redact import redact_url
 from service.wav import wav_bytes
 
 log = structlog.get_logger(__name__)
@@ -87,17 +90,17 @@ class SileroScorer:
     def __init__(self, batcher: VadBatcher, counts: VadCounts | None = None) -> None:
         self._batcher = batcher
         self._counts = counts
-        self.stream = SileroState()
+        self.state = SileroState()
 
     async def score(self, window: np.ndarray) -> float:
         if self._counts is not None:
             self._counts.silero += 1
-        return await self._batcher.score(self.stream, window.astype(np.float32) / 32768.0)
+        return await self._batcher.score(self.state, window.astype(np.float32) / 32768.0)
 
     def restart(self, context: np.ndarray) -> None:
         """Fresh recurrent state, with ``context`` (the audio just before the next window) as the 64-sample context."""
-        self.stream = SileroState()
-        self.stream.context = context[-_CONTEXT:].astype(np.float32) / 32768.0
+        self.state = SileroState()
+        self.state.context = context[-_CONTEXT:].astype(np.float32) / 32768.0
 
     async def aclose(self) -> None:
         return None
@@ -195,7 +198,6 @@ class RemoteScorer:
         self._closing = False
         self.failed: str | None = None
         """Why the session fell back to Silero, or ``None`` while the server serves it."""
-        self.events: list[str] = []
 
     async def score(self, window: np.ndarray) -> float:
         if self.failed is None:
@@ -230,10 +232,8 @@ class RemoteScorer:
                 event = body.get("event")
                 if event == "speech_start":
                     self._speaking = True
-                    self.events.append(event)
                 elif event == "speech_end":
                     self._speaking = False
-                    self.events.append(event)
         except ConnectionClosed as exc:
             if not self._closing:
                 self._fail(f"connection closed: {exc}")
@@ -247,7 +247,7 @@ class RemoteScorer:
         self.failed = reason
         self._speaking = False
         self._counts.remote_fallbacks += 1
-        self._log.warning("vad.remote_failed", url=self._url, reason=reason[:200], fallback="silero")
+        self._log.warning("vad.remote_failed", url=redact_url(self._url), reason=reason[:200], fallback="silero")
 
     async def aclose(self) -> None:
         self._closing = True
@@ -265,11 +265,14 @@ class BatchVadCheck:
     """EchoKit's legacy ``vad_url``: POST the turn's WAV (part ``audio``), empty ``timestamps`` = nobody spoke.
 
     Anything but a list of timestamps (an ``error`` body, a timeout, a dead server) counts as
-    speech: the check can skip a recogniser call, never lose a turn.
+    speech: the check can skip a recogniser call, never lose a turn. A failed request is still
+    classified as the recognisers' are (:mod:`service.recognition.http`), so its log line says the same.
     """
 
     def __init__(self, url: str, *, timeout_s: float, connect_timeout_s: float) -> None:
-        self.url = url
+        self._url = url
+        self.url = redact_url(url)
+        """For logs (the session's too): the URL with its secrets masked; requests use the real one."""
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self._client: httpx.AsyncClient | None = None
 
@@ -277,16 +280,32 @@ class BatchVadCheck:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self._timeout)
         try:
-            response = await self._client.post(self.url, files={"audio": ("audio.wav", wav_bytes(pcm))})
-            body: Any = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            log.warning("vad.batch_check_failed", url=self.url, reason=f"{type(exc).__name__}: {exc}"[:200])
+            response = await self._client.post(self._url, files={"audio": ("audio.wav", wav_bytes(pcm))})
+        except httpx.HTTPError as exc:
+            self._failed(transport_error(exc, f"{type(exc).__name__}: {exc}"))
             return True
+        if not response.is_success:
+            self._failed(status_error(response.status_code, response.headers, f"HTTP {response.status_code}"))
+            return True
+        try:
+            body: Any = response.json()
+        except ValueError as exc:
+            body = f"{type(exc).__name__}: {exc}"
         timestamps = body.get("timestamps") if isinstance(body, dict) else None
         if not isinstance(timestamps, list):
             log.warning("vad.batch_check_failed", url=self.url, reason=str(body)[:200])
             return True
         return bool(timestamps)
+
+    def _failed(self, error: BackendError) -> None:
+        log.warning(
+            "vad.batch_check_failed",
+            url=self.url,
+            code=error.code.value,
+            retryable=error.retryable,
+            failover=error.failover,
+            reason=str(error)[:200],
+        )
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -324,8 +343,8 @@ class VadEngines:
             webrtc_mode=asr.vad.webrtc_mode,
             realtime_url=asr.vad_realtime_url,
             batch_url=asr.vad_url,
-            connect_timeout_s=asr.connect_timeout_s,
-            timeout_s=asr.timeout_s,
+            connect_timeout_s=asr.backend.connect_timeout_s,
+            timeout_s=asr.backend.timeout_s,
         )
 
     def scorer(self, engine: VadEngine, device: str = "", *, webrtc_mode: int | None = None) -> VadScorer:

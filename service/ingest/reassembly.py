@@ -17,7 +17,9 @@ from firmware_protocol import AudioFrame
 
 
 @dataclass(slots=True)
-class StreamStats:
+class FrameStats:
+    """What reassembly did with a device's audio frames; metrics read these fields by name."""
+
     frames: int = 0
     duplicates: int = 0
     reordered: int = 0
@@ -25,7 +27,7 @@ class StreamStats:
     late: int = 0
     stale: int = 0
 
-    def add(self, other: StreamStats) -> None:
+    def add(self, other: FrameStats) -> None:
         """Count ``other``'s frames into these (fleet-wide totals for metrics)."""
         self.frames += other.frames
         self.duplicates += other.duplicates
@@ -55,7 +57,7 @@ class Reassembler:
     """
 
     window: int
-    stats: StreamStats
+    stats: FrameStats
     expected: int = 0
     last_seq: int | None = None
     _pending: dict[int, bytes] = field(default_factory=dict)
@@ -94,7 +96,7 @@ class Reassembler:
         return out
 
     def flush(self) -> list[bytes]:
-        """Declare every gap lost and release what is held (called when the stream goes quiet)."""
+        """Declare every gap lost and release what is held (called when the device goes quiet)."""
         out: list[bytes] = []
         while self._pending:
             out.extend(self._skip_gap())
@@ -130,12 +132,14 @@ class Reassembler:
         return [bytes(self._frame_bytes)] * count if self._frame_bytes else []
 
 
-class DeviceStream:
-    """Tracks which session a device is in and reassembles that session's frames."""
+class SessionTracker:
+    """Tracks which session a device is in and reassembles that session's frames.
 
-    def __init__(self, device_id: str, window: int, remember: int = 16) -> None:
-        self.device_id = device_id
-        self.stats = StreamStats()
+    ``stats`` count every frame of the device, over all its sessions.
+    """
+
+    def __init__(self, window: int, remember: int = 16) -> None:
+        self.stats = FrameStats()
         self._window = window
         self.session_id: int | None = None
         self.reassembler: Reassembler | None = None

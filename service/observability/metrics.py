@@ -4,10 +4,10 @@ Each :class:`Bridge` owns a :class:`BridgeMetrics` with a private registry, so s
 (tests) can run in one process. Two kinds of metric:
 
 * **Read at scrape time** (:class:`_BridgeCollector`): counters the components already keep as
-  plain ints (``FleetStats``, per-device ``StreamStats``, ``LinkStats``, ``FailoverBackend``,
-  ``VadBatcher``, the VAD engines' ``VadCounts``) and
-  gauges of state (active sessions, queue depths, broker connection). The audio path pays
-  nothing for them: no metric object is touched per frame.
+  plain ints (``FleetStats``, per-device ``FrameStats``, ``LinkStats``, ``FailoverBackend``,
+  ``VadBatcher``, the VAD engines' ``VadCounts``) and gauges of state (active sessions, queue
+  depths, broker connection), through the structural types of :mod:`service.observability.sources`.
+  The audio path pays nothing for them: no metric object is touched per frame.
 * **Observed where they happen**: histograms of latencies, once per utterance or backend
   request (never per frame), and the event-loop lag sampled by :meth:`BridgeMetrics.monitor_loop_lag`.
 
@@ -18,12 +18,10 @@ bounded by the configuration and the protocol.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -38,21 +36,12 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from firmware_protocol import ErrorCode
-from service.recognition.base import (
-    BackendError,
-    Recognition,
-    RecognitionStream,
-    SessionOptions,
-    StreamListener,
-    TranscriptionBackend,
-)
+from service.observability.sources import WatchedLink, WatchedSessions, WatchedVad
+from service.recognition.base import TranscriptionBackend
+from service.recognition.instrumented import InstrumentedBackend
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
-
-    from service.endpointing.engines import VadEngines
-    from service.ingest.router import SessionManager
-    from service.link.connection import MqttLink
 
 PREFIX = "echokit_bridge"
 
@@ -84,7 +73,7 @@ FRAME_COUNTERS = (
     ("late", "frames_late", "Audio frames that arrived after being declared lost; dropped."),
     ("stale", "frames_stale", "Audio frames of an already closed session; dropped."),
 )
-"""``StreamStats`` field → metric name (``echokit_bridge_<name>_total``) and help."""
+"""``FrameStats`` field → metric name (``echokit_bridge_<name>_total``) and help."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +124,7 @@ class BridgeMetrics:
             version
         ).set(1)
         ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
-        GCCollector(registry=registry)  # python_gc_*: collector pauses were a measured cost (bench/)
+        GCCollector(registry=registry)  # python_gc_*: collector pauses are a cost worth watching
         self.session = SessionMetrics(self.final_latency, self.first_partial)
         self._backend_labels: set[str] = set()
 
@@ -146,14 +135,22 @@ class BridgeMetrics:
             n += 1
             label = f"{backend.name}#{n}"
         self._backend_labels.add(label)
-        return InstrumentedBackend(backend, self, label)
+        errors = self.backend_errors
+
+        def count_error(code: ErrorCode) -> None:
+            errors.labels(label, code.value).inc()
+
+        # The latency child is bound once: no label lookup per request.
+        return InstrumentedBackend(
+            backend, observe_latency=self.backend_latency.labels(label).observe, count_error=count_error
+        )
 
     def watch(
         self,
         *,
-        sessions: SessionManager,
-        link: MqttLink,
-        vad: VadEngines,
+        sessions: WatchedSessions,
+        link: WatchedLink,
+        vad: WatchedVad,
         failovers: Callable[[], int],
     ) -> None:
         """Export what these components count themselves, read at scrape time."""
@@ -176,7 +173,9 @@ class BridgeMetrics:
 class _BridgeCollector(Collector):
     """Reads the components' own counters when Prometheus scrapes; costs nothing in between."""
 
-    def __init__(self, sessions: SessionManager, link: MqttLink, vad: VadEngines, failovers: Callable[[], int]) -> None:
+    def __init__(
+        self, sessions: WatchedSessions, link: WatchedLink, vad: WatchedVad, failovers: Callable[[], int]
+    ) -> None:
         self._sessions = sessions
         self._link = link
         self._vad = vad.batcher
@@ -256,67 +255,3 @@ class _BridgeCollector(Collector):
             self._vad.windows,
         )
         yield CounterMetricFamily(f"{PREFIX}_vad_silero_runs_total", "Batched Silero ONNX runs.", self._vad.runs)
-
-
-# Backend requests ---------------------------------------------------------------------------------
-
-
-class InstrumentedBackend(TranscriptionBackend):
-    """Times each request of one backend; the audio still flows straight into its stream."""
-
-    def __init__(self, inner: TranscriptionBackend, metrics: BridgeMetrics, label: str) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self._latency = metrics.backend_latency.labels(label)  # bound once: no label lookup per request
-        self._errors = metrics.backend_errors
-        self._label = label
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    def open(self, options: SessionOptions, listener: StreamListener) -> RecognitionStream:
-        return _InstrumentedStream(self.inner.open(options, listener), self)
-
-    def observe(self, started: float, error: BaseException | None) -> None:
-        self._latency.observe(time.perf_counter() - started)
-        if error is not None:
-            code = error.code.value if isinstance(error, BackendError) else ErrorCode.INTERNAL.value
-            self._errors.labels(self._label, code).inc()
-
-
-class _InstrumentedStream(RecognitionStream):
-    def __init__(self, inner: RecognitionStream, owner: InstrumentedBackend) -> None:
-        self._inner = inner
-        self._owner = owner
-        # The hot path: the inner stream's own bound method, so feeding costs no extra call.
-        self.feed = inner.feed  # type: ignore[method-assign]
-
-    def feed(self, pcm: np.ndarray) -> None:  # shadowed per instance in __init__
-        self._inner.feed(pcm)
-
-    async def finish(self) -> Recognition:
-        started = time.perf_counter()
-        try:
-            result = await self._inner.finish()
-        except Exception as exc:  # cancellation is not a request outcome: not observed
-            self._owner.observe(started, exc)
-            raise
-        self._owner.observe(started, None)
-        return result
-
-    async def cancel(self) -> None:
-        await self._inner.cancel()
-
-    def speculate(self) -> asyncio.Task[Recognition] | None:
-        task = self._inner.speculate()
-        if task is not None:
-            started = time.perf_counter()
-            task.add_done_callback(lambda done: self._speculated(started, done))
-        return task
-
-    def _speculated(self, started: float, task: asyncio.Task[Recognition]) -> None:
-        if not task.cancelled():  # a speculation dropped because speech resumed is no outcome either
-            self._owner.observe(started, task.exception())

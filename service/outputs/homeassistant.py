@@ -22,7 +22,6 @@ device message (a handful per utterance) and never touches the audio path.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -41,6 +40,7 @@ from firmware_protocol import (
     ends_session,
 )
 from service.config import HomeAssistantConfig
+from service.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
 
@@ -78,12 +78,7 @@ class HomeAssistant:
         self._version = version
         self._known: set[str] = set()
         self._voice_on: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def status_topic(self) -> str:
-        """Where Home Assistant publishes its birth (``online``) and will (``offline``)."""
-        return f"{self._prefix}/status"
+        self._sending = TaskSet("homeassistant")
 
     def discovery_topic(self, device_id: str) -> str:
         return f"{self._prefix}/device/echokit_{device_id}/config"
@@ -150,18 +145,8 @@ class HomeAssistant:
 
     def discovery(self, device_id: str) -> dict[str, Any]:
         """The device-based discovery payload (Home Assistant 2024.11+) for one device."""
-        uid = f"echokit_{device_id}"
-        device: dict[str, Any] = {
-            "identifiers": [uid],
-            "name": f"EchoKit {device_id}",
-            "manufacturer": "Second State",
-            "model": "EchoKit",
-            "sw_version": self._version,
-        }
-        if mac := mac_of(device_id):
-            device["connections"] = [["mac", mac]]
         return {
-            "dev": device,
+            "dev": self._device(device_id),
             "o": {"name": ORIGIN_NAME, "sw_version": self._version, "support_url": SUPPORT_URL},
             "availability": [
                 {
@@ -172,42 +157,60 @@ class HomeAssistant:
                 }
             ],
             "qos": 1,
-            "cmps": {
-                "transcript": {
-                    "p": "sensor",
-                    "unique_id": f"{uid}_transcript",
-                    "name": "Last transcript",
-                    "icon": "mdi:text-box-outline",
-                    "state_topic": self.state_topic(device_id, "transcript"),
-                    "json_attributes_topic": self.state_topic(device_id, "transcript/attributes"),
-                },
-                "transcript_event": {
-                    "p": "event",
-                    "unique_id": f"{uid}_transcript_event",
-                    "name": "Transcript",
-                    "icon": "mdi:account-voice",
-                    "state_topic": self.state_topic(device_id, "event"),
-                    "event_types": ["transcript"],
-                },
-                "voice": {
-                    "p": "binary_sensor",
-                    "unique_id": f"{uid}_voice",
-                    "name": "Voice activity",
-                    "device_class": "sound",
-                    "state_topic": self.state_topic(device_id, "voice"),
-                    "payload_on": "ON",
-                    "payload_off": "OFF",
-                },
-                "latency": {
-                    "p": "sensor",
-                    "unique_id": f"{uid}_latency",
-                    "name": "Transcript latency",
-                    "entity_category": "diagnostic",
-                    "device_class": "duration",
-                    "unit_of_measurement": "ms",
-                    "state_class": "measurement",
-                    "state_topic": self.state_topic(device_id, "latency"),
-                },
+            "cmps": self._components(device_id),
+        }
+
+    def _device(self, device_id: str) -> dict[str, Any]:
+        """Home Assistant's device registry entry; the MAC links it to the same device seen by other integrations."""
+        device: dict[str, Any] = {
+            "identifiers": [f"echokit_{device_id}"],
+            "name": f"EchoKit {device_id}",
+            "manufacturer": "Second State",
+            "model": "EchoKit",
+            "sw_version": self._version,
+        }
+        if mac := mac_of(device_id):
+            device["connections"] = [["mac", mac]]
+        return device
+
+    def _components(self, device_id: str) -> dict[str, Any]:
+        """The four entities of the table in the module docstring, each on its ``ha/`` state topic."""
+        uid = f"echokit_{device_id}"
+        return {
+            "transcript": {
+                "p": "sensor",
+                "unique_id": f"{uid}_transcript",
+                "name": "Last transcript",
+                "icon": "mdi:text-box-outline",
+                "state_topic": self.state_topic(device_id, "transcript"),
+                "json_attributes_topic": self.state_topic(device_id, "transcript/attributes"),
+            },
+            "transcript_event": {
+                "p": "event",
+                "unique_id": f"{uid}_transcript_event",
+                "name": "Transcript",
+                "icon": "mdi:account-voice",
+                "state_topic": self.state_topic(device_id, "event"),
+                "event_types": ["transcript"],
+            },
+            "voice": {
+                "p": "binary_sensor",
+                "unique_id": f"{uid}_voice",
+                "name": "Voice activity",
+                "device_class": "sound",
+                "state_topic": self.state_topic(device_id, "voice"),
+                "payload_on": "ON",
+                "payload_off": "OFF",
+            },
+            "latency": {
+                "p": "sensor",
+                "unique_id": f"{uid}_latency",
+                "name": "Transcript latency",
+                "entity_category": "diagnostic",
+                "device_class": "duration",
+                "unit_of_measurement": "ms",
+                "state_class": "measurement",
+                "state_topic": self.state_topic(device_id, "latency"),
             },
         }
 
@@ -218,6 +221,4 @@ class HomeAssistant:
     def _send(self, topic: str, payload: bytes, *, retain: bool) -> None:
         # One task per message, created in order: tasks start in creation order, and the link
         # hands each PUBLISH to the client before its first await, so ON always precedes OFF.
-        task = asyncio.create_task(self._publish(topic, payload, qos=1, retain=retain))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._sending.spawn(self._publish(topic, payload, qos=1, retain=retain))

@@ -1,4 +1,4 @@
-"""Bridge → device messages: the topic for each message type, QoS, and the size cap.
+"""Bridge → device messages on the topic and QoS the wire contract gives each type, within the size cap.
 
 ESP-MQTT's default buffer (1024 bytes) holds a whole incoming PUBLISH packet; a bigger one
 reaches the firmware in pieces. ``max_device_message_bytes`` caps the packet, so a long
@@ -11,31 +11,11 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from firmware_protocol import (
-    BridgeMessage,
-    Configured,
-    Error,
-    Listening,
-    SpeechEnded,
-    SpeechStarted,
-    TopicKind,
-    Topics,
-    Transcript,
-    encode_message,
-)
+from firmware_protocol import BridgeMessage, Error, Topics, Transcript, device_route, encode_message
 
 PublishFn = Callable[..., Awaitable[None]]
 Observer = Callable[[str, BridgeMessage], None]
 """Told ``(device_id, message)`` of every bridge → device message before it is published; must not block."""
-
-_KIND: dict[type, TopicKind] = {
-    Listening: TopicKind.SESSION,
-    Configured: TopicKind.SESSION,
-    SpeechStarted: TopicKind.VAD,
-    SpeechEnded: TopicKind.VAD,
-    Transcript: TopicKind.TRANSCRIPT,
-    Error: TopicKind.ERROR,
-}
 
 
 class DevicePublisher:
@@ -49,11 +29,10 @@ class DevicePublisher:
     async def send(self, device_id: str, message: BridgeMessage) -> None:
         for observer in self.observers:
             observer(device_id, message)
-        partial = isinstance(message, Transcript) and not message.final
-        topic = self._topics.device(device_id, _KIND[type(message)])
-        qos = 0 if partial else 1
-        payload = fit(message, self._max_bytes - packet_overhead(topic, qos))
-        await self._publish(topic, payload, qos=qos)
+        route = device_route(message)
+        topic = self._topics.device(device_id, route.kind)
+        payload = fit(message, self._max_bytes - packet_overhead(topic, route.qos))
+        await self._publish(topic, payload, qos=route.qos)
 
 
 def packet_overhead(topic: str, qos: int) -> int:

@@ -117,6 +117,8 @@ class BatchStream(RecognitionStream):
 
 class TranscriptionBackend(abc.ABC):
     name: str
+    failovers: int = 0
+    """Utterances handed on to the next backend: only a failover chain has any."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load models or open pools before the bridge reports ready."""

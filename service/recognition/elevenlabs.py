@@ -34,7 +34,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from firmware_protocol import SAMPLE_RATE, EndReason, ErrorCode
 from service import __version__
-from service.config import AsrConfig
+from service.config import ElevenLabsSettings
 from service.recognition.base import (
     BackendError,
     BatchStream,
@@ -44,8 +44,9 @@ from service.recognition.base import (
     StreamListener,
     TranscriptionBackend,
 )
-from service.recognition.http import pooled_transport
-from service.recognition.retry import RetryPolicy, retry_after_seconds
+from service.recognition.http import pooled_transport, status_error, transport_error
+from service.recognition.retry import RetryPolicy
+from service.redact import Redactor
 from service.wav import wav_bytes
 
 log = structlog.get_logger(__name__)
@@ -160,16 +161,8 @@ def with_query(url: str, params: Sequence[tuple[str, str]]) -> str:
 # Errors -----------------------------------------------------------------------------------------------------
 
 
-class _Redactor:
-    """Server text goes into errors the device sees: never with the api key in it."""
-
-    def __init__(self, secret: str) -> None:
-        self._secret = secret
-
-    def __call__(self, text: str, limit: int = 200) -> str:
-        if self._secret:
-            text = text.replace(self._secret, "***")
-        return text[:limit]
+DETAIL_LIMIT = 200
+"""Characters of server text kept in an error (after redaction)."""
 
 
 def server_error(message_type: str, text: str) -> BackendError:
@@ -185,18 +178,9 @@ def server_error(message_type: str, text: str) -> BackendError:
 
 
 def http_error(status: int, headers: httpx.Headers, detail: str) -> BackendError:
-    message = f"ElevenLabs HTTP {status}: {detail}" if detail else f"ElevenLabs HTTP {status}"
-    if status in (401, 403):
-        return BackendError(message, code=ErrorCode.BACKEND_AUTH, retryable=False, failover=False)
-    if status == 429:
-        return BackendError(
-            message, code=ErrorCode.BACKEND_RATE_LIMITED, retryable=True, retry_after_s=retry_after_seconds(headers)
-        )
-    if status >= 500:
-        return BackendError(message, code=ErrorCode.BACKEND_UNAVAILABLE, retryable=True)
-    if status == 408:
-        return BackendError(message, code=ErrorCode.BACKEND_TIMEOUT, retryable=True)
-    return BackendError(message, code=ErrorCode.BACKEND_REJECTED, retryable=False, failover=False)
+    return status_error(
+        status, headers, f"ElevenLabs HTTP {status}: {detail}" if detail else f"ElevenLabs HTTP {status}"
+    )
 
 
 def _detail(body: bytes | bytearray) -> str:
@@ -225,11 +209,11 @@ def _no_speech(language: str | None = None) -> Recognition:
 class ElevenLabsBackend(TranscriptionBackend):
     name = "elevenlabs"
 
-    def __init__(self, config: AsrConfig) -> None:
+    def __init__(self, config: ElevenLabsSettings) -> None:
         self.config = config
         self.endpoints = endpoints(config.url)
         self.policy = RetryPolicy(attempts=1 + config.max_retries)
-        self.redact = _Redactor(config.api_key)
+        self.redact = Redactor(config.api_key)
         self._http: httpx.AsyncClient | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -409,7 +393,9 @@ class _RealtimeStream(RecognitionStream):
                         if message.message_type == "session_started":
                             return ws
                         if message.message_type in ERROR_TYPES:
-                            raise server_error(message.message_type, self._backend.redact(message.error or ""))
+                            raise server_error(
+                                message.message_type, self._backend.redact(message.error or "", DETAIL_LIMIT)
+                            )
                 except BaseException:
                     _abort(ws)
                     raise
@@ -422,17 +408,13 @@ class _RealtimeStream(RecognitionStream):
             response = exc.response
             body = _detail(response.body or b"")
             headers_ = httpx.Headers(list(response.headers.raw_items()))
-            raise http_error(response.status_code, headers_, self._backend.redact(body)) from None
-        except InvalidURI:
-            raise BackendError(
-                "asr.url is not a valid WebSocket URL", code=ErrorCode.BACKEND_UNAVAILABLE, retryable=False
-            ) from None
+            raise http_error(response.status_code, headers_, self._backend.redact(body, DETAIL_LIMIT)) from None
+        except InvalidURI as exc:
+            raise transport_error(exc, "asr.url is not a valid WebSocket URL") from None
         except ConnectionClosed as exc:
             raise _dropped(f"closed before the session started, code {exc.rcvd.code if exc.rcvd else 1006}") from None
         except (OSError, InvalidHandshake) as exc:
-            raise BackendError(
-                f"cannot connect to ElevenLabs: {type(exc).__name__}", code=ErrorCode.BACKEND_UNAVAILABLE
-            ) from None
+            raise transport_error(exc, f"cannot connect to ElevenLabs: {type(exc).__name__}") from None
 
     def _decode(self, raw: str | bytes) -> ServerMessage | None:
         try:
@@ -515,7 +497,7 @@ class _RealtimeStream(RecognitionStream):
             exchange.result.set_result(_no_speech(self._options.language))
             return True
         if kind in ERROR_TYPES:
-            exchange.result.set_exception(server_error(kind, self._backend.redact(message.error or "")))
+            exchange.result.set_exception(server_error(kind, self._backend.redact(message.error or "", DETAIL_LIMIT)))
             return True
         return False  # session_started, warning, and whatever ElevenLabs adds next
 
@@ -577,16 +559,12 @@ class _BatchStream(BatchStream):
                     files={"file": ("audio.wav", wav, "audio/wav")},
                     headers={"xi-api-key": config.api_key},
                 )
-        except (TimeoutError, httpx.TimeoutException):
-            raise BackendError(
-                f"ElevenLabs gave no transcript within {config.timeout_s:g} s", code=ErrorCode.BACKEND_TIMEOUT
-            ) from None
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            raise transport_error(exc, f"ElevenLabs gave no transcript within {config.timeout_s:g} s") from None
         except httpx.TransportError as exc:
-            raise BackendError(
-                f"cannot reach ElevenLabs: {type(exc).__name__}", code=ErrorCode.BACKEND_UNAVAILABLE
-            ) from None
+            raise transport_error(exc, f"cannot reach ElevenLabs: {type(exc).__name__}") from None
         if response.status_code != 200:
-            detail = self._backend.redact(_detail(response.content))
+            detail = self._backend.redact(_detail(response.content), DETAIL_LIMIT)
             raise http_error(response.status_code, response.headers, detail)
         try:
             result = _decode_batch(response.content)

@@ -19,7 +19,7 @@ import structlog
 
 from firmware_protocol import SAMPLE_RATE, EndReason, ErrorCode
 from service import __version__
-from service.config import AsrConfig
+from service.config import OpenAISettings
 from service.recognition.base import (
     BackendError,
     BatchStream,
@@ -29,21 +29,19 @@ from service.recognition.base import (
     StreamListener,
     TranscriptionBackend,
 )
-from service.recognition.http import pooled_transport
-from service.recognition.retry import RetryPolicy, retry_after_seconds
+from service.recognition.http import pooled_transport, status_error, transport_error
+from service.recognition.retry import RetryPolicy
+from service.redact import Redactor, redact_url, url_host
 from service.wav import wav_bytes
 
 log = structlog.get_logger(__name__)
 
 KEEPALIVE_CONNECTIONS = 64
-"""Idle connections kept warm; bursts beyond it open (and later close) more, up to the limit."""
-"""Pooled connections to the ASR server; turns beyond this wait for one (within ``timeout_s``)."""
+"""Idle connections kept warm; bursts beyond it open (and later close) more, up to ``max_connections``."""
 MIN_SAMPLES = SAMPLE_RATE // 10
 """OpenAI rejects audio under 0.1 s (400 ``audio_too_short``); such a turn is no speech, not an error."""
 DRAIN_S = 0.5
 """After ``transcript.text.done``, how long to wait for the stream's end so the connection can be reused."""
-_REJECTED = frozenset({400, 413, 422})
-_AUTH = frozenset({401, 403})
 
 
 class _Transcription(msgspec.Struct):
@@ -88,22 +86,16 @@ def is_no_speech(text: str) -> bool:
 class OpenAIBackend(TranscriptionBackend):
     name = "openai"
 
-    def __init__(
-        self,
-        config: AsrConfig,
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
-        max_connections: int | None = None,
-    ) -> None:
+    def __init__(self, config: OpenAISettings) -> None:
         self._config = config
-        self._transport = transport
-        limit = max_connections or config.max_connections
+        limit = config.max_connections
         self._limits = httpx.Limits(max_connections=limit, max_keepalive_connections=min(limit, KEEPALIVE_CONNECTIONS))
         self._timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
         self._retry = RetryPolicy(attempts=1 + config.max_retries)
         self._client: httpx.AsyncClient | None = None
-        self._host = urlsplit(config.url).netloc.rpartition("@")[2] or "the ASR server"
-        """For messages: host[:port] only, never userinfo or query (either may hold a key)."""
+        self._host = url_host(config.url, "the ASR server")
+        self._redact = Redactor(config.api_key)
+        """Error bodies and URLs may echo the key; it must never reach a device, a log or a traceback."""
 
     async def start(self) -> None:
         """Refuse a URL that can never work now rather than on every turn; open the pool."""
@@ -111,7 +103,7 @@ class OpenAIBackend(TranscriptionBackend):
         if scheme not in ("http", "https"):
             raise BackendError(
                 "asr.url must be the full http(s) URL of /v1/audio/transcriptions,"
-                f" got {self._redact(self._config.url)!r}",
+                f" got {self._redact(redact_url(self._config.url))!r}",
                 code=ErrorCode.BACKEND_UNAVAILABLE,
                 retryable=False,
             )
@@ -129,17 +121,12 @@ class OpenAIBackend(TranscriptionBackend):
     def _ensure_client(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = httpx.AsyncClient(
-                transport=self._transport or pooled_transport(self._limits),
+                transport=pooled_transport(self._limits),
                 limits=self._limits,
                 timeout=self._timeout,
                 headers={"User-Agent": f"echokit-mqtt-bridge/{__version__}"},
             )
         return self._client
-
-    def _redact(self, text: str) -> str:
-        """Error bodies and URLs may echo the key; it must never reach a device, a log or a traceback."""
-        key = self._config.api_key
-        return text.replace(key, "***") if key else text
 
     async def transcribe(self, audio: np.ndarray, options: SessionOptions, listener: StreamListener) -> Recognition:
         """One utterance, with retries; raises :class:`BackendError` when every attempt failed."""
@@ -193,33 +180,15 @@ class OpenAIBackend(TranscriptionBackend):
                     if reply.headers.get("content-type", "").startswith("text/event-stream"):
                         return await self._read_events(reply.aiter_lines(), listener, final, deadline)
                     return self._decode(await reply.aread())
-        except TimeoutError:
+        except TimeoutError as exc:
             if final:
                 return final[0]
-            raise BackendError(
-                f"openai ASR: no answer from {self._host} within {self._config.timeout_s:g} s",
-                code=ErrorCode.BACKEND_TIMEOUT,
+            raise transport_error(
+                exc, f"openai ASR: no answer from {self._host} within {self._config.timeout_s:g} s"
             ) from None
-        except httpx.TimeoutException as exc:
-            raise BackendError(
-                f"openai ASR: {type(exc).__name__} talking to {self._host}", code=ErrorCode.BACKEND_TIMEOUT
-            ) from None
-        except httpx.UnsupportedProtocol as exc:
-            raise BackendError(
-                f"openai ASR: bad asr.url: {self._redact(str(exc))}", code=ErrorCode.BACKEND_ERROR, retryable=False
-            ) from None
-        except httpx.TransportError as exc:
-            raise BackendError(
-                f"openai ASR: connection to {self._host} failed: {type(exc).__name__}: {self._redact(str(exc))}",
-                code=ErrorCode.BACKEND_UNAVAILABLE,
-            ) from None
-        except httpx.HTTPError as exc:
-            raise BackendError(
-                f"openai ASR: {type(exc).__name__}: {self._redact(str(exc))}", code=ErrorCode.BACKEND_ERROR
-            ) from None
-        except ValueError as exc:  # aiohttp refuses e.g. credentials in asr.url next to an api_key
-            raise BackendError(
-                f"openai ASR: request refused: {self._redact(str(exc))}", code=ErrorCode.BACKEND_ERROR, retryable=False
+        except (httpx.HTTPError, ValueError) as exc:  # ValueError: aiohttp refuses e.g. credentials next to a key
+            raise transport_error(
+                exc, f"openai ASR: {type(exc).__name__} talking to {self._host}: {self._redact(str(exc))}"
             ) from None
 
     def _decode(self, body: bytes) -> str:
@@ -297,21 +266,7 @@ class OpenAIBackend(TranscriptionBackend):
             pass
         if request_id := headers.get("x-request-id"):
             detail += f" (request {request_id})"
-        message = f"openai ASR: HTTP {status} from {self._host}: {detail}"
-        if status == 429:
-            return BackendError(
-                message, code=ErrorCode.BACKEND_RATE_LIMITED, retry_after_s=retry_after_seconds(headers)
-            )
-        if status in _AUTH:
-            return BackendError(message, code=ErrorCode.BACKEND_AUTH, retryable=False, failover=False)
-        if status in _REJECTED:
-            return BackendError(message, code=ErrorCode.BACKEND_REJECTED, retryable=False, failover=False)
-        if status == 408:
-            return BackendError(message, code=ErrorCode.BACKEND_TIMEOUT)
-        if status >= 500 or status == 409:
-            return BackendError(message, code=ErrorCode.BACKEND_UNAVAILABLE, retry_after_s=retry_after_seconds(headers))
-        # 404 (wrong URL or model) and the like: a configuration problem; another backend may do.
-        return BackendError(message, code=ErrorCode.BACKEND_ERROR, retryable=False, failover=True)
+        return status_error(status, headers, f"openai ASR: HTTP {status} from {self._host}: {detail}")
 
     def _vendor(self, error: _VendorError) -> str:
         tags = ", ".join(f"{k}={v}" for k, v in (("type", error.type), ("code", error.code)) if v is not None)

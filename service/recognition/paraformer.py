@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.protocol import State
 
 from firmware_protocol import SAMPLE_RATE, EndReason, ErrorCode
-from service.config import AsrConfig
+from service.config import ParaformerSettings
 from service.recognition.base import (
     BackendError,
     Recognition,
@@ -32,7 +32,9 @@ from service.recognition.base import (
     StreamListener,
     TranscriptionBackend,
 )
-from service.recognition.retry import RetryPolicy, retry_after_seconds
+from service.recognition.http import status_error, transport_error
+from service.recognition.retry import RetryPolicy
+from service.redact import redact_url
 
 log = structlog.get_logger(__name__)
 
@@ -323,7 +325,7 @@ class SocketRegistry:
 class _Task:
     """One ``run-task`` … ``task-finished`` exchange on a leased socket."""
 
-    def __init__(self, sock: _Socket, config: AsrConfig, parameters: _Parameters, model: str) -> None:
+    def __init__(self, sock: _Socket, config: ParaformerSettings, parameters: _Parameters, model: str) -> None:
         self.sock = sock
         self.task_id = uuid.uuid4().hex
         self.started = False
@@ -570,11 +572,12 @@ class _ParaformerStream(RecognitionStream):
 class ParaformerBackend(TranscriptionBackend):
     name = "paraformer_v2"
 
-    def __init__(self, config: AsrConfig, *, idle_close_s: float = IDLE_CLOSE_S) -> None:
+    def __init__(self, config: ParaformerSettings, *, language: str = "", idle_close_s: float = IDLE_CLOSE_S) -> None:
+        """``language``: the ``[asr]`` table's ``lang``, the hint when a session asks for none (or ``auto``)."""
         self.config = config
         self.url = config.url or DEFAULT_URL
         self.policy = RetryPolicy(attempts=1 + config.max_retries)
-        self.language = config.lang if config.lang and config.lang != "auto" else None
+        self.language = language if language and language != "auto" else None
         self.registry = SocketRegistry(
             self._connect,
             max_sockets=config.max_sockets,
@@ -628,31 +631,15 @@ class ParaformerBackend(TranscriptionBackend):
                 )
         except InvalidStatus as exc:
             raise _refused(exc) from None
-        except InvalidURI:
-            raise BackendError(
-                f"asr.url {self.url!r} is not a WebSocket URL", code=ErrorCode.BACKEND_UNAVAILABLE, retryable=False
-            ) from None
-        except TimeoutError:
-            raise BackendError(
-                "DashScope did not accept the connection in time", code=ErrorCode.BACKEND_TIMEOUT
-            ) from None
+        except InvalidURI as exc:
+            raise transport_error(exc, f"asr.url {redact_url(self.url)!r} is not a WebSocket URL") from None
+        except TimeoutError as exc:
+            raise transport_error(exc, "DashScope did not accept the connection in time") from None
         except (OSError, InvalidHandshake) as exc:
-            raise BackendError(
-                f"cannot connect to DashScope: {type(exc).__name__}: {exc}", code=ErrorCode.BACKEND_UNAVAILABLE
-            ) from None
+            raise transport_error(exc, f"cannot connect to DashScope: {type(exc).__name__}: {exc}") from None
 
 
 def _refused(exc: InvalidStatus) -> BackendError:
     status = exc.response.status_code
-    message = f"DashScope refused the connection: HTTP {status}"
-    if status in (401, 403):
-        return BackendError(
-            f"{message} (check asr.paraformer_token)", code=ErrorCode.BACKEND_AUTH, retryable=False, failover=False
-        )
-    if status == 429:
-        return BackendError(
-            message, code=ErrorCode.BACKEND_RATE_LIMITED, retry_after_s=retry_after_seconds(exc.response.headers)
-        )
-    if status >= 500:
-        return BackendError(message, code=ErrorCode.BACKEND_UNAVAILABLE)
-    return BackendError(message, code=ErrorCode.BACKEND_UNAVAILABLE, retryable=False, failover=True)
+    hint = " (check asr.paraformer_token)" if status in (401, 403) else ""
+    return status_error(status, exc.response.headers, f"DashScope refused the connection: HTTP {status}{hint}")

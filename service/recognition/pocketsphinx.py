@@ -24,7 +24,7 @@ import numpy as np
 import structlog
 
 from firmware_protocol import EndReason, ErrorCode
-from service.config import AsrConfig
+from service.config import PocketsphinxSettings
 from service.recognition import _sphinx_worker as worker
 from service.recognition.base import (
     BackendError,
@@ -82,7 +82,7 @@ class _Worker:
 class PocketsphinxBackend(TranscriptionBackend):
     name = "pocketsphinx"
 
-    def __init__(self, config: AsrConfig) -> None:
+    def __init__(self, config: PocketsphinxSettings) -> None:
         self._jsgf: str | None = None
         if config.grammar:
             self._jsgf = Path(config.grammar).read_text(encoding="utf-8")

@@ -1,17 +1,15 @@
 """One utterance of one device: audio → endpointing → backend → events, in order.
 
-A :class:`Session` is fed in-order PCM by the session manager and runs as one task.
-Everything it tells the device goes through its outbox, so partials produced by the
-backend in the background can never overtake the final.
+A :class:`Session` is fed in-order PCM by the ingest stage and runs as one task: it listens
+(audio queue, endpointing, length cap), then hands the turn to its :class:`FinalRecogniser`.
+Everything it tells the device goes through its :class:`OrderedOutbox`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 import numpy as np
@@ -31,27 +29,13 @@ from firmware_protocol import (
     SpeechStarted,
     Transcript,
 )
-from service.config import SessionConfig, VadConfig
+from service.config import VadConfig
 from service.endpointing.endpointer import WINDOW, Endpointer, SpeechPause, SpeechResumed, SpeechStart, TurnEnd
-from service.endpointing.engines import VadEngines, VadScorer
-from service.endpointing.silero import VadBatcher
-from service.observability.metrics import SessionMetrics
-from service.outputs.publisher import DevicePublisher
-from service.recognition import BackendError, Recognition, RecognitionStream, SessionOptions, TranscriptionBackend
-
-
-@dataclass(frozen=True, slots=True)
-class SessionServices:
-    """What every session needs; built once by the composition root."""
-
-    backend: TranscriptionBackend
-    vad: VadBatcher
-    publisher: DevicePublisher
-    session: SessionConfig
-    final_timeout_s: float = 30.0
-    metrics: SessionMetrics | None = None
-    engines: VadEngines | None = None
-    """Builds each session's VAD scorer (and holds the ``vad_url`` check); ``None``: Silero on ``vad``."""
+from service.endpointing.engines import VadScorer
+from service.recognition import RecognitionStream, SessionOptions
+from service.session.final import FinalRecogniser
+from service.session.outbox import OrderedOutbox
+from service.session.services import SessionServices
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +44,8 @@ class _End:
 
 
 class Session:
+    """One turn of one device, from ``listening`` to its final; a new utterance is a new session."""
+
     def __init__(
         self,
         device_id: str,
@@ -76,7 +62,7 @@ class Session:
         self.options = options
         self._services = services
         self._audio: asyncio.Queue[np.ndarray | _End] = asyncio.Queue()
-        self._outbox: asyncio.Queue[BridgeMessage | None] = asyncio.Queue()
+        self._outbox = OrderedOutbox(services.publisher, device_id)
         self._cancelled = asyncio.Event()
         self._samples = 0
         self._max_samples = int(tuning.max_utterance_s * SAMPLE_RATE)
@@ -85,21 +71,17 @@ class Session:
         self._first_partial_from: float | None = None
         """When speech started (monotonic) until the first partial is sent: time to first partial."""
         self._endpointer = self._make_endpointer()
-        self._engines = services.engines or VadEngines(services.vad)
+        self._engines = services.engines
         self._scorer: VadScorer | None = None
         """Built from ``tuning`` with the first window (a remote engine opens its socket then)."""
         self._heard: list[np.ndarray] = []
         """Without server VAD and with ``asr.vad_url`` set: the turn's audio, for the legacy batch check."""
         self._vad_pending = np.zeros(0, dtype=np.int16)
         """Audio not yet scored (less than a window); it reaches the recogniser with its window."""
-        self._speculation: asyncio.Task[Recognition] | None = None
         self.ended = False
         self._ending = False
         self.log = structlog.get_logger(__name__).bind(device=device_id, session=session_id)
-
-    @property
-    def endpointing(self) -> Endpointing:
-        return self.tuning.endpointing
+        self._final = FinalRecogniser(services, session_id, self._cancelled, self.log)
 
     def _make_endpointer(self) -> Endpointer | None:
         t = self.tuning
@@ -114,7 +96,7 @@ class Session:
         )
         return Endpointer(vad, t.no_speech_timeout_ms)
 
-    # Called by the session manager (synchronously, from the MQTT dispatch) ------------------
+    # Called by the ingest stage (synchronously, from the MQTT dispatch) ----------------------
 
     def push(self, pcm: bytes) -> None:
         if not self.ended:
@@ -126,7 +108,7 @@ class Session:
         return self._audio.qsize()
 
     def end(self, reason: EndReason) -> None:
-        """The device ended the turn (LAST frame), the stream went quiet, or the backend decided; first wins."""
+        """The device ended the turn (LAST frame), went quiet, or the backend decided; first wins."""
         if not self.ended and not self._ending:
             self._ending = True
             self._audio.put_nowait(_End(reason))
@@ -152,7 +134,7 @@ class Session:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            sender = tg.create_task(self._send_all())
+            sender = tg.create_task(self._outbox.run())
             try:
                 await self._turn()
             except Exception as exc:  # never let one device's failure escape to the service
@@ -162,39 +144,28 @@ class Session:
                 )
             finally:
                 self.ended = True
-                self._outbox.put_nowait(None)
+                self._outbox.close()
             await sender
 
     def _emit(self, message: BridgeMessage) -> None:
-        self._outbox.put_nowait(message)
-
-    async def _send_all(self) -> None:
-        """Publish in order without waiting for each PUBACK (the broker keeps a client's order)."""
-        sending: set[asyncio.Task[None]] = set()
-        while (message := await self._outbox.get()) is not None:
-            task = asyncio.create_task(self._services.publisher.send(self.device_id, message))
-            sending.add(task)
-            task.add_done_callback(sending.discard)
-        if sending:
-            await asyncio.wait(sending)
+        self._outbox.put(message)
 
     async def _turn(self) -> None:
-        self._emit(Listening(session=self.session_id, endpointing=self.endpointing, sample_rate=SAMPLE_RATE))
+        self._emit(Listening(session=self.session_id, endpointing=self.tuning.endpointing, sample_rate=SAMPLE_RATE))
         try:
             end = await self._listen()
             self._emit(SpeechEnded(session=self.session_id, offset_ms=end.offset_ms, reason=end.reason))
             if end.reason is not EndReason.CANCEL and not self._cancelled.is_set():
                 await self._conclude(end)
         finally:
-            if self._speculation is not None:
-                self._speculation.cancel()
+            self._final.cancel()
             if self._stream is not None:
                 await self._stream.cancel()
             if self._scorer is not None:
                 await self._scorer.aclose()
 
     async def _listen(self) -> TurnEnd:
-        """Take audio until the turn ends: VAD, LAST frame, cancel, length cap, or the manager's idle timeout.
+        """Take audio until the turn ends: VAD, LAST frame, cancel, length cap, or the router's idle timeout.
 
         Whatever is queued when the task wakes is taken as one chunk, so a busy bridge pays
         the per-wake cost once per batch of frames rather than once per frame.
@@ -271,9 +242,9 @@ class Session:
                     self._first_partial_from = time.monotonic()
                     self._emit(SpeechStarted(session=self.session_id, offset_ms=event.offset_ms))
                 elif isinstance(event, SpeechPause):
-                    self._speculate()
-                elif isinstance(event, SpeechResumed):
-                    self._drop_speculation()
+                    self._final.speculate(self._stream)
+                elif isinstance(event, SpeechResumed) and (text := self._final.drop_speculation()):
+                    self.partial(text)
                 elif isinstance(event, TurnEnd):
                     self._vad_pending = pending[taken:]
                     return event
@@ -282,106 +253,12 @@ class Session:
 
     async def _conclude(self, end: TurnEnd) -> None:
         """Publish the final: the backend's, or an empty one when nobody spoke."""
-        ended_at = time.monotonic()
         stream, self._stream = self._stream, None
         if stream is not None and len(self._vad_pending) and end.reason not in (EndReason.SILENCE, EndReason.NO_SPEECH):
             stream.feed(self._vad_pending)  # the tail after the last whole window: the device's, not silence
-        if stream is None or end.reason is EndReason.NO_SPEECH or self._started_ms is None:
-            if stream is not None:
-                await stream.cancel()
-            result: Recognition | None = Recognition("", reason=EndReason.NO_SPEECH)
-        elif not await self._batch_check_hears_speech(end):
-            await stream.cancel()
-            result = Recognition("", reason=EndReason.NO_SPEECH)
-        else:
-            try:
-                result = await self._final(stream, end)
-            except BackendError as exc:
-                self._emit(Error(code=exc.code, message=str(exc), retryable=exc.retryable, session=self.session_id))
-                return
-            if result is not None and self._services.metrics is not None:  # a backend's answer, not "nobody spoke"
-                self._services.metrics.final_latency.observe(time.monotonic() - ended_at)
-        if result is None:
-            return
-        latency_ms = round((time.monotonic() - ended_at) * 1000)
-        self._emit(
-            Transcript(
-                session=self.session_id,
-                final=True,
-                text=result.text,
-                backend=result.backend or self._services.backend.name,
-                start_ms=self._started_ms or 0,
-                end_ms=end.offset_ms,
-                language=result.language,
-                latency_ms=latency_ms,
-                reason=result.reason,
-            )
-        )
-        self.log.info("session.final", chars=len(result.text), latency_ms=latency_ms, reason=end.reason.value)
-
-    async def _batch_check_hears_speech(self, end: TurnEnd) -> bool:
-        """EchoKit's legacy ``vad_url`` check of a turn the device ended; only silence it is sure of skips the ASR."""
-        check = self._engines.batch_check
-        if check is None or self._endpointer is not None or end.reason is EndReason.BACKEND or not self._heard:
-            return True
-        audio, self._heard = np.concatenate(self._heard), []
-        speech = await check.has_speech(audio)
-        if not speech:
-            self.log.info("session.batch_vad_no_speech", url=check.url, ms=len(audio) // SAMPLES_PER_MS)
-        return speech
-
-    async def _final(self, stream: RecognitionStream, end: TurnEnd) -> Recognition | None:
-        """The committed speculation if there is one (falling back to ``finish``), else ``finish``."""
-        speculation, self._speculation = self._speculation, None
-        if speculation is not None and end.reason is EndReason.SILENCE:
-            try:
-                return await self._race(speculation, stream)
-            except BackendError as exc:
-                if not exc.retryable and not exc.failover:
-                    raise  # the same request again would be refused the same way
-                self.log.info("session.speculation_failed", code=exc.code.value)
-        elif speculation is not None:
-            speculation.cancel()
-        return await self._race(asyncio.ensure_future(stream.finish()), stream)
-
-    async def _race(self, work: asyncio.Future[Recognition], stream: RecognitionStream) -> Recognition | None:
-        """``work``'s result, unless the session is cancelled meanwhile (then ``None``) or it takes too long."""
-        cancelled: asyncio.Future[Any] = asyncio.ensure_future(self._cancelled.wait())
-        racers: set[asyncio.Future[Any]] = {work, cancelled}
-        try:
-            async with asyncio.timeout(self._services.final_timeout_s):
-                done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
-        except TimeoutError:
-            raise BackendError(
-                f"no result within {self._services.final_timeout_s:g} s", code=ErrorCode.BACKEND_UNAVAILABLE
-            ) from None
-        finally:
-            cancelled.cancel()
-            if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError, BackendError):
-                    await work
-                await stream.cancel()
-        if work not in done:
-            return None
-        return work.result()
-
-    def _speculate(self) -> None:
-        """Speech paused: recognise what was said so far while the hangover runs."""
-        if self._stream is not None:
-            self._drop_speculation()
-            self._speculation = self._stream.speculate()
-
-    def _drop_speculation(self) -> None:
-        """Speech resumed: the speculation is stale; if it already has text, that text is a partial."""
-        speculation, self._speculation = self._speculation, None
-        if speculation is None:
-            return
-        if speculation.done() and not speculation.cancelled() and speculation.exception() is None:
-            if text := speculation.result().text:
-                self.partial(text)
-        else:
-            speculation.cancel()
+        heard = self._heard if self._endpointer is None else []
+        if (message := await self._final.conclude(stream, end, self._started_ms, heard)) is not None:
+            self._emit(message)
 
     # StreamListener: what the recognition stream reports while audio flows ---------------------
 

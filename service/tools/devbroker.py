@@ -1,16 +1,19 @@
 """A private Mosquitto on a free loopback port, for the demo, tests and benchmarks.
 
 Never the system broker on 1883: each user gets its own process and config directory.
-When no ``mosquitto`` binary exists the error says how to install it.
+When no ``mosquitto`` binary exists the error says how to install it. With ``tls`` the
+listener speaks only TLS (``mqtts://``), for tests of the clients' certificate handling.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -29,10 +32,25 @@ def find_mosquitto() -> str | None:
     )
 
 
-class PrivateMosquitto:
-    """``with PrivateMosquitto() as broker: broker.url`` → ``mqtt://127.0.0.1:<port>``."""
+@dataclass(frozen=True, slots=True)
+class ServerCertificate:
+    """PEM files for a TLS listener: the certificate chain (leaf first) and its private key."""
 
-    def __init__(self, extra_config: str = "", *, port: int | None = None, anonymous: bool = True) -> None:
+    certfile: Path
+    keyfile: Path
+
+
+class PrivateMosquitto:
+    """``with PrivateMosquitto() as broker: broker.url`` → ``mqtt://127.0.0.1:<port>`` (``mqtts://`` with ``tls``)."""
+
+    def __init__(
+        self,
+        extra_config: str = "",
+        *,
+        port: int | None = None,
+        anonymous: bool = True,
+        tls: ServerCertificate | None = None,
+    ) -> None:
         binary = find_mosquitto()
         if binary is None:
             raise RuntimeError(f"no mosquitto binary found; {INSTALL_HINT}")
@@ -41,6 +59,7 @@ class PrivateMosquitto:
         self.host = "127.0.0.1"
         self._extra = extra_config
         self._anonymous = anonymous
+        self._tls = tls
         self._dir = tempfile.TemporaryDirectory(prefix="echokit-mosquitto-")
         self.config_path = Path(self._dir.name) / "mosquitto.conf"
         self.log_path = Path(self._dir.name) / "mosquitto.log"
@@ -48,11 +67,12 @@ class PrivateMosquitto:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self._tls else 'mqtt'}://{self.host}:{self.port}"
 
     def start(self) -> PrivateMosquitto:
         lines = [
             f"listener {self.port} {self.host}",
+            *(self._tls_lines() if self._tls else []),
             f"allow_anonymous {'true' if self._anonymous else 'false'}",
             "persistence false",
             "set_tcp_nodelay true",
@@ -74,6 +94,13 @@ class PrivateMosquitto:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start listening within 10 s")
+
+    def _tls_lines(self) -> list[str]:
+        assert self._tls is not None
+        lines = [f"certfile {self._tls.certfile}", f"keyfile {self._tls.keyfile}"]
+        if os.geteuid() == 0:  # started as root, mosquitto would drop to its own user and lose the key file
+            lines.append("user root")
+        return lines
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:

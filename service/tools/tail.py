@@ -20,17 +20,18 @@ import contextlib
 import json
 import os
 import signal
-import ssl
 import sys
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiomqtt
 
 from firmware_protocol import ProtocolError, decode_bridge_message, is_valid_device_id
+from service.link.backoff import Backoff
+from service.link.client import BrokerAddress, mqtt_client
+from service.redact import redact_url
 from service.tools.describe import describe
 
 Write = Callable[[str], None]
@@ -82,6 +83,10 @@ class Formatter:
         return f"{stamp}  {device or 'bridge':<12}  {short:<8}  {describe(message)}"
 
 
+FIRST_RETRY_S = 1.0
+MAX_RETRY_S = 30.0
+
+
 async def tail(
     broker: str,
     prefix: str = "echokit",
@@ -90,32 +95,31 @@ async def tail(
     as_json: bool = False,
     username: str | None = None,
     password: str | None = None,
+    ca_file: str | None = None,
     write: Write = print,
     on_subscribed: Callable[[], None] | None = None,
 ) -> None:
     """Print until cancelled; a broker lost after the first connection is reconnected with backoff."""
-    url = urlsplit(broker)
-    tls = ssl.create_default_context() if url.scheme == "mqtts" else None
     formatter = Formatter(prefix, as_json=as_json)
     device_filter = f"{prefix}/{device or '+'}/out/#"
     connected_once = False
-    delay = 1.0
+    backoff = Backoff(FIRST_RETRY_S, MAX_RETRY_S, jitter="half")
     while True:
+        client = mqtt_client(
+            broker,
+            identifier=f"echokit-tail-{uuid.uuid4().hex[:8]}",
+            username=username,
+            password=password,
+            ca_file=ca_file,
+        )
         try:
-            async with aiomqtt.Client(
-                url.hostname or "localhost",
-                url.port or (8883 if tls else 1883),
-                username=username,
-                password=password,
-                identifier=f"echokit-tail-{uuid.uuid4().hex[:8]}",
-                protocol=aiomqtt.ProtocolVersion.V311,
-                tls_context=tls,
-            ) as client:
+            async with client:
                 await client.subscribe(device_filter, qos=1)
                 await client.subscribe(f"{prefix}/status", qos=1)
                 if connected_once:
                     print("echokit-bridge tail: reconnected", file=sys.stderr, flush=True)
-                connected_once, delay = True, 1.0
+                connected_once = True
+                backoff.reset()
                 if on_subscribed:
                     on_subscribed()
                 async for message in client.messages:
@@ -128,8 +132,7 @@ async def tail(
             if not connected_once:
                 raise
             print(f"echokit-bridge tail: lost the broker ({exc}); reconnecting", file=sys.stderr, flush=True)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 30.0)
+        await backoff.sleep()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,6 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="only this device")
     parser.add_argument("--json", action="store_true", help="one JSON object per line, with device and topic")
     parser.add_argument("--username")
+    parser.add_argument("--ca-file", help="CA certificate(s) to verify an mqtts:// broker (default: the system's)")
     parser.add_argument("--password", help="default: $MQTT_PASSWORD")
 
 
@@ -145,8 +149,10 @@ def run(args: argparse.Namespace) -> int:
     if args.device is not None and not is_valid_device_id(args.device):
         print(f"echokit-bridge tail: {args.device!r} is not a valid device id", file=sys.stderr)
         return 2
-    if urlsplit(args.broker).scheme not in ("mqtt", "mqtts"):
-        print(f"echokit-bridge tail: expected mqtt://host[:port], got {args.broker!r}", file=sys.stderr)
+    try:
+        BrokerAddress.parse(args.broker)
+    except ValueError as exc:
+        print(f"echokit-bridge tail: {exc}", file=sys.stderr)
         return 2
 
     def write(line: str) -> None:
@@ -161,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
                 as_json=args.json,
                 username=args.username,
                 password=args.password or os.environ.get("MQTT_PASSWORD") or None,
+                ca_file=args.ca_file,
                 write=write,
             )
         )
@@ -173,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(main())
     except aiomqtt.MqttError as exc:
-        print(f"echokit-bridge tail: broker {args.broker}: {exc}", file=sys.stderr)
+        print(f"echokit-bridge tail: broker {redact_url(args.broker)}: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # e.g. piped into head
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet the interpreter's last flush
