@@ -101,7 +101,7 @@ async def one_turn(
     backend = FixedLatencyBackend(latency_s)
     turn = Turn(clip, true_end_ms)
 
-    async def publish(topic: str, payload: bytes, qos: int) -> None:
+    def publish(topic: str, payload: bytes, **_: object) -> None:
         turn.published.append((time.perf_counter(), decode_bridge_message(payload)))
 
     limits = SessionConfig()

@@ -17,6 +17,8 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_DEVICE = "unknown_device"
     UTTERANCE_TOO_LONG = "utterance_too_long"
     TOO_MANY_SESSIONS = "too_many_sessions"
+    AUDIO_GAP = "audio_gap"
+    """A session's frames skipped more audio than ``session.max_gap_ms``: the session is ended, not concealed."""
     SESSION_TIMEOUT = "session_timeout"
     BACKEND_ERROR = "backend_error"
     BACKEND_UNAVAILABLE = "backend_unavailable"

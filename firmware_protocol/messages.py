@@ -78,6 +78,8 @@ class Cancel(_Message, tag="cancel"):
 
 Millis = Annotated[int, msgspec.Meta(ge=0, le=60_000)]
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Threshold = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+"""Above 0: ``neg_threshold`` must be below it, and a probability cannot be below 0."""
 WebrtcMode = Annotated[int, msgspec.Meta(ge=0, le=3)]
 """WebRTC VAD aggressiveness: 0 keeps the most audio as speech, 3 filters the most."""
 
@@ -86,7 +88,7 @@ class EndpointingOverrides(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Per-device endpointing: the same fields in ``configure`` messages and ``[devices.<id>]`` tables."""
 
     endpointing: Endpointing | None = None
-    threshold: Probability | None = None
+    threshold: Threshold | None = None
     neg_threshold: Probability | None = None
     min_speech_duration_ms: Millis | None = None
     max_silence_duration_ms: Millis | None = None
@@ -155,6 +157,8 @@ class Error(_Message, tag="error"):
     message: str
     retryable: bool
     session: SessionId | None = None
+    retry_after_ms: int | None = None
+    """With a retryable refusal (``too_many_sessions``): wait at least this long before retrying."""
 
 
 class BridgeStatus(_Message, tag="status"):
@@ -198,6 +202,8 @@ def decode_device_message(data: bytes) -> DeviceMessage:
         raise ProtocolError(ErrorCode.BAD_CONTROL, _path_of(str(exc)), str(exc)) from None
     except UnicodeDecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_CONTROL, "$", f"invalid UTF-8 at byte {exc.start}") from None
+    except RecursionError:  # msgspec skips unknown fields recursively: a deep one exhausts the stack
+        raise ProtocolError(ErrorCode.BAD_CONTROL, "$", "JSON nested too deeply") from None
 
 
 def decode_bridge_message(data: bytes) -> BridgeMessage:
@@ -207,6 +213,8 @@ def decode_bridge_message(data: bytes) -> BridgeMessage:
         raise ProtocolError(ErrorCode.BAD_CONTROL, _path_of(str(exc)), str(exc)) from None
     except UnicodeDecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_CONTROL, "$", f"invalid UTF-8 at byte {exc.start}") from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.BAD_CONTROL, "$", "JSON nested too deeply") from None
 
 
 def _path_of(message: str) -> str:

@@ -57,7 +57,7 @@ class Bridge:
             version=__version__,
             extra_subscriptions=(self._ha_status,) if ha.enabled else (),
         )
-        publisher = DevicePublisher(self.topics, self.link.publish, config.session.max_device_message_bytes)
+        publisher = DevicePublisher(self.topics, self.link.post, config.session.max_device_message_bytes)
         self.homeassistant: HomeAssistant | None = None
         if ha.enabled:
             self.homeassistant = HomeAssistant(ha, self.topics, self.link.publish, version=__version__)
@@ -67,6 +67,7 @@ class Bridge:
             engines=self.vad_engines,
             publisher=publisher,
             final_timeout_s=final_timeout(config.asr),
+            idle_timeout_s=config.session.idle_timeout_s,
             metrics=self.metrics.session if self.metrics is not None else None,
         )
         self.sessions = MessageRouter(config, self.topics, services)
@@ -80,6 +81,7 @@ class Bridge:
                 link=self.link,
                 vad=self.vad_engines,
                 failovers=lambda: chain.failovers,  # the unwrapped backend: a FailoverBackend counts them
+                max_sessions=config.session.max_sessions,
             )
             host, port = config.metrics.address
             self.health = HealthServer(host, port, metrics=self.metrics.exposition, not_ready=self.not_ready)

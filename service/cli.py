@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import sys
 
+import structlog
+
 from service import __version__
 from service.config import ConfigError, load_config
 from service.observability.logs import configure
@@ -49,11 +51,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(serve())
-    except BackendError as exc:
+    except BackendError as exc:  # its message is the backend's own, redacted where it was raised
         print(f"echokit-bridge: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
+    except Exception:  # a fault at startup: one JSON log line (the traceback in it), not a bare traceback
+        structlog.get_logger(__name__).exception("bridge.failed")
+        return 1
     return 0
 
 

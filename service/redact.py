@@ -44,12 +44,28 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def url_secrets(url: str) -> tuple[str, ...]:
+    """What in ``url`` is secret (its password or lone userinfo, its query values), for a :class:`Redactor`.
+
+    A client library's error may quote them out of the URL they came in; masking the URL alone
+    would not catch that.
+    """
+    head, _, query = url.partition("?")
+    netloc = (head.partition("://")[2] or head).partition("/")[0]  # by hand: urlsplit refuses some URLs
+    user, colon, password = netloc.rpartition("@")[0].partition(":")
+    values = [value for _, value in parse_qsl(query.partition("#")[0], keep_blank_values=True)]
+    return tuple(value for value in (password if colon else user, *values) if len(value) >= 4)
+
+
 def _mask_userinfo(text: str) -> str:
+    """A string urlsplit cannot take: its userinfo and its whole query (``?…``) masked, the rest as written."""
+    text, question, _ = text.partition("?")
+    query = f"?{MASK}" if question else ""
     head, at, tail = text.rpartition("@")
     if not at:
-        return text
+        return text + query
     scheme, sep, _ = head.partition("://")
-    return f"{scheme}{sep}{MASK}@{tail}" if sep else f"{MASK}@{tail}"
+    return (f"{scheme}{sep}{MASK}@{tail}" if sep else f"{MASK}@{tail}") + query
 
 
 class Redactor:

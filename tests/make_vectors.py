@@ -262,6 +262,7 @@ ERROR_EXAMPLES: dict[str, tuple[str, bool, int | None]] = {
     "unknown_device": ("this device is not in the bridge's devices.allow list", False, None),
     "utterance_too_long": ("utterance longer than 30 s; transcribing what came", False, SESSION),
     "too_many_sessions": ("200 sessions are active; retry shortly", True, SESSION),
+    "audio_gap": ("seq: 2400 ms of audio missing, over the 1000 ms the bridge conceals; retry", True, SESSION),
     "session_timeout": ("no audio for 10 s", False, SESSION),
     "backend_error": ("the pocketsphinx worker died; it was restarted", True, SESSION),
     "backend_unavailable": ("no result within 30 s", True, SESSION),
@@ -333,6 +334,14 @@ def message_vectors() -> dict[str, tuple[bytes, dict[str, Any]]]:
         ),
         "device_invalid_endpointing": raw_device(
             "unknown endpointing mode", b'{"type":"start","session":1,"endpointing":"wake_word"}'
+        ),
+        "device_invalid_configure_threshold_zero": raw_device(
+            "configure with threshold 0: nothing could be below it for neg_threshold",
+            b'{"type":"configure","threshold":0}',
+        ),
+        "device_invalid_nested_deep": raw_device(
+            "an unknown field nested 2000 arrays deep (4033 bytes, under the control limit): bad_control, at $",
+            b'{"type":"start","session":1,"x":' + b"[" * 2000 + b"]" * 2000 + b"}",
         ),
         # Bridge → device (out/session, out/vad, out/transcript, out/error) and <prefix>/status.
         "bridge_listening_server_vad": bridge(
@@ -428,6 +437,16 @@ def message_vectors() -> dict[str, tuple[bytes, dict[str, Any]]]:
         vectors[f"bridge_error_{code.value}"] = bridge(
             f"error {code.value}{note}", Error(code=code, message=text, retryable=retryable, session=session)
         )
+    vectors["bridge_error_too_many_sessions_retry_after"] = bridge(
+        "too_many_sessions with the optional retry_after_ms hint: wait at least this long, then a new session id",
+        Error(
+            code=ErrorCode.TOO_MANY_SESSIONS,
+            message="200 sessions are active; retry shortly",
+            retryable=True,
+            session=s,
+            retry_after_ms=1500,
+        ),
+    )
     # A transcript longer than the device cap, cut by the bridge's own publisher (service/publisher.py).
     # Mixed ASCII and 3-byte UTF-8 characters, so the cut has to respect character boundaries.
     long_text = "turn on the kitchen light 打开厨房的灯 " * 40

@@ -218,3 +218,49 @@ def test_an_unparsable_broker_url_is_a_problem_not_a_crash() -> None:
         parse_config('[mqtt]\nurl = "mqtt://bridge:hunter2@[broker"\n')
     (problem,) = caught.value.problems
     assert problem.field == "mqtt.url" and "hunter2" not in problem.message
+
+
+URL_SECRETS = ("hunter2", "tok3n-query")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "ftp://bridge:hunter2@host:1/?token=tok3n-query",  # a URL of the wrong kind
+        "http://bridge:hunter2@[host/?token=tok3n-query",  # a URL that does not parse at all
+        "http://bridge:hunter2@host:port/?token=tok3n-query",  # a malformed port
+    ],
+    ids=["wrong-scheme", "unparsable", "bad-port"],
+)
+def test_check_config_never_echoes_a_secret_of_any_url_field(tmp_path: Path, bad: str) -> None:
+    """Every URL field at once: each is reported with its line, none with its password or query token."""
+    path = tmp_path / "secrets.toml"
+    path.write_text(
+        f'[mqtt]\nurl = "{bad}"\n'
+        f'[asr]\nplatform = "openai"\nurl = "{bad}"\nvad_url = "{bad}"\nvad_realtime_url = "{bad}"\n'
+        f'[[asr.fallback]]\nplatform = "elevenlabs"\nurl = "{bad}"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "check-config", str(path)], capture_output=True, text=True
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output
+    for field in ("mqtt.url", "asr.vad_url", "asr.vad_realtime_url"):
+        assert f": {field}: " in output, output
+    if bad != "ftp://bridge:hunter2@host:1/?token=tok3n-query":  # a wrong scheme is the backend's to refuse
+        assert ": asr.url: " in output and ": asr.fallback[0].url: " in output, output
+    assert not any(secret in output for secret in URL_SECRETS), output
+
+
+def test_run_refuses_a_malformed_asr_url_without_echoing_its_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[mqtt]\nurl = "mqtt://127.0.0.1:1"\n[metrics]\nenabled = false\n'
+        '[asr]\nplatform = "openai"\napi_key = "sk-never-shown"\nurl = "bridge:hunter2@host/v1?token=tok3n-query"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "run", "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "asr.url" in output and "Traceback" not in output, output
+    assert not any(secret in output for secret in (*URL_SECRETS, "sk-never-shown")), output

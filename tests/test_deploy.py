@@ -182,9 +182,9 @@ class DeployBroker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_for_log(self, text: str, timeout: float = 10) -> None:
+    def wait_for_log(self, text: str, timeout: float = 10, times: int = 1) -> None:
         deadline = time.monotonic() + timeout
-        while text not in self.log():
+        while self.log().count(text) < times:
             assert time.monotonic() < deadline, f"{text!r} not in the broker's log:\n{self.log()[-3000:]}"
             time.sleep(0.02)
 
@@ -522,10 +522,13 @@ def test_the_bridge_users_last_will_reaches_devices_and_a_devices_does_not(deplo
             deploy_broker.port, DEV_B, PASSWORDS[DEV_B], client_id="spoofer-" + uuid.uuid4().hex[:6],
             will=(f"{PREFIX}/status", b"spoofed"),
         )  # fmt: skip
+        # use_username_as_clientid: the broker names the connection after its user, not the id sent.
+        closed = f"Client {DEV_B} closed its connection"
+        before = deploy_broker.log().count(closed)
         spoofer.connect()
         spoofer.drop()
         # Mosquitto handles (and here drops) a will as it notices the connection is gone.
-        deploy_broker.wait_for_log(f"Client {spoofer.client_id} closed its connection")
+        deploy_broker.wait_for_log(closed, times=before + 1)
         crashed = Client(deploy_broker.port, BRIDGE_USER, BRIDGE_PASSWORD, will=(f"{PREFIX}/status", offline))
         crashed.connect()
         crashed.drop()
@@ -649,6 +652,80 @@ def test_real_bridge_serves_a_device_through_the_acl(deploy_broker: DeployBroker
         assert process.wait(timeout=30) == 0
         offline = asyncio.run(status("offline"))  # retained: the bridge may write its status
         assert offline["instance"] == online["instance"]
+    except BaseException:
+        print(log_path.read_text(errors="replace")[-5000:])
+        raise
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    with bridge_user(deploy_broker) as bridge:
+        bridge.publish(f"{PREFIX}/status", b"", qos=1, retain=True)
+
+
+# ---- client-id takeover -------------------------------------------------------------------------
+
+
+def test_a_client_id_takes_over_nobody_but_its_own_user(deploy_broker: DeployBroker) -> None:
+    """use_username_as_clientid: whatever id a device sends, it can only knock off its own user's connection."""
+    with bridge_user(deploy_broker) as bridge, device(deploy_broker, DEV_B) as b:
+        b.subscribe(f"{PREFIX}/{DEV_B}/out/#")
+        for stolen in (DEV_B, BRIDGE_USER, "echokit-bridge-0123abcd-00000000"):
+            with Client(deploy_broker.port, DEV_A, PASSWORDS[DEV_A], client_id=stolen) as attacker:
+                assert attacker.connack is not None and not attacker.connack.is_failure
+        after = marker()
+        assert bridge.publish(f"{PREFIX}/{DEV_B}/out/vad", after, qos=1).getName() == "Success"
+        b.wait_for(f"{PREFIX}/{DEV_B}/out/vad", after)
+        assert b.disconnect is None and bridge.disconnect is None
+        # The same user twice is still one connection: the newer takes over. (MQTT 5 has reason 0x8E
+        # for it; Mosquitto 2.0.11 just closes the socket, which paho reports as 0x80.)
+        with device(deploy_broker, DEV_B):
+            assert b.wait_disconnected().value in (0x8E, 0x80)
+
+
+def _start_shipped_bridge(deploy_broker: DeployBroker, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    config = tmp_path / "bridge.toml"
+    shipped = BRIDGE_TOML.read_text().replace("mqtt://mosquitto:1883", deploy_broker.url)
+    config.write_text(shipped + '\n[metrics]\nlisten = "127.0.0.1:0"\n')  # beside other bridges on this machine
+    log_path = tmp_path / "bridge.log"
+    process = subprocess.Popen(
+        [str(ECHOKIT_BRIDGE), "run", "--config", str(config)],
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env={**os.environ, "MQTT_PASSWORD": BRIDGE_PASSWORD, "PYTHONUNBUFFERED": "1"},
+    )
+    return process, log_path
+
+
+def test_the_bridge_notices_being_taken_over_and_backs_off(deploy_broker: DeployBroker, tmp_path: Path) -> None:
+    process, log_path = _start_shipped_bridge(deploy_broker, tmp_path)
+
+    def connections() -> int:
+        return log_path.read_text(errors="replace").count('"mqtt.connected"')
+
+    def wait_for_connections(count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while connections() < count:
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")
+            time.sleep(0.05)
+
+    try:
+        wait_for_connections(1, 60)
+        for attack in range(1, 7):  # the bridge user's password, leaked: each connection knocks the bridge off
+            with Client(deploy_broker.port, BRIDGE_USER, BRIDGE_PASSWORD):
+                time.sleep(0.2)
+            if '"mqtt.taken_over"' in log_path.read_text(errors="replace"):
+                break
+            wait_for_connections(attack + 1, 30)
+        log = [json.loads(line) for line in log_path.read_text().splitlines()]
+        taken = [entry for entry in log if entry["event"] == "mqtt.taken_over"]
+        assert taken and "own client id and broker user" in taken[0]["hint"], log
+        retries = [entry["retry_in_s"] for entry in log if entry["event"] == "mqtt.disconnected"]
+        assert retries == sorted(retries) and retries[-1] > retries[0]  # backing off, not flapping at once
+        wait_for_connections(connections() + 1, 40)  # left alone, it comes back
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
     except BaseException:
         print(log_path.read_text(errors="replace")[-5000:])
         raise

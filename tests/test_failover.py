@@ -10,7 +10,7 @@ from service.config import parse_config
 from service.recognition import BackendError, Recognition, SessionOptions
 from service.recognition.base import BatchStream, RecognitionStream, StreamListener, TranscriptionBackend
 from service.recognition.failover import FailoverBackend
-from service.recognition.registry import build_backends, final_timeout
+from service.recognition.registry import POCKETSPHINX_FINAL_S, build_backends, final_timeout
 
 
 class ScriptedBackend(TranscriptionBackend):
@@ -110,4 +110,5 @@ def test_the_registry_puts_the_fallback_list_behind_the_primary() -> None:
 
     single = build_backends(parse_config("").asr, wrap)
     assert single.name == "pocketsphinx" and wrapped == ["pocketsphinx"]
-    assert final_timeout(config.asr) == max(30.0, (10 + 4.0) * 3 * 2 + 5.0)
+    assert final_timeout(config.asr) == max(30.0, (10 + 4.0) * 3 + POCKETSPHINX_FINAL_S + 5.0)
+    assert final_timeout(parse_config("").asr) == 30.0  # pocketsphinx alone: the deadline PROTOCOL.md promises

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from firmware_protocol import EndReason, Error, ErrorCode, SpeechEnded, Transcript, VadEngine
+from firmware_protocol import Endpointing, EndReason, Error, ErrorCode, SpeechEnded, Start, Transcript, VadEngine
 from service.observability.health import HealthServer
 from service.observability.metrics import BridgeMetrics
 from service.recognition import BackendError, SessionOptions
@@ -224,6 +224,39 @@ async def test_health_endpoints_and_unknown_paths(make_bridge: object) -> None:
         assert (await client.post(f"http://127.0.0.1:{port}/metrics", content=b"x")).status_code == 405
         head = await client.head(f"http://127.0.0.1:{port}/healthz")
         assert head.status_code == 200 and head.content == b""
+
+
+async def test_a_full_bridge_shows_in_the_metrics(make_bridge: object, speech: dict) -> None:
+    """At max_sessions: the gauges say full, the refusal is counted by reason and so is the error sent."""
+    bridge: BridgeProcess = make_bridge(POCKETSPHINX + "[session]\nmax_sessions = 1\n")  # type: ignore[operator]
+    port = metrics_port(bridge)
+    before = await scrape(port)
+    assert value(before, "echokit_bridge_sessions_max") == 1
+    for reason in ("capacity", "rate", "shutdown"):  # exported at 0 from the start
+        assert ("echokit_bridge_session_refusals_total", frozenset({("reason", reason)})) in before
+    audio: np.ndarray = speech["what_time"]
+    async with (
+        RawDevice(bridge.broker.host, bridge.broker.port, bridge.prefix, "busy01") as busy,
+        RawDevice(bridge.broker.host, bridge.broker.port, bridge.prefix, "refused01") as refused,
+    ):
+        await busy.control(Start(session=11, endpointing=Endpointing.PUSH_TO_TALK))
+        await busy.stream(frames_of(audio, 11)[:5])  # no LAST: the session stays open
+        deadline = time.monotonic() + 20
+        while value(full := await scrape(port), "echokit_bridge_sessions_active") < 1:
+            assert time.monotonic() < deadline, "the busy device's session never started"
+            await asyncio.sleep(0.1)
+        await refused.send(frames_of(audio, 22)[0])
+        error = await refused.wait_for(lambda m: isinstance(m, Error))
+        during = await scrape(port)
+    assert isinstance(error, Error) and error.code is ErrorCode.TOO_MANY_SESSIONS and error.retryable
+    assert value(full, "echokit_bridge_sessions_active") == value(full, "echokit_bridge_sessions_max") == 1
+    capacity = "echokit_bridge_session_refusals_total"
+    assert value(during, capacity, reason="capacity") == value(before, capacity, reason="capacity") + 1
+    assert value(during, "echokit_bridge_sessions_refused_total") == 1
+    sent = "echokit_bridge_device_errors_total"
+    assert value(during, sent, outcome="sent") >= value(before, sent, outcome="sent") + 1
+    assert value(during, "echokit_bridge_devices") >= 1
+    assert value(during, "echokit_bridge_scrape_duration_seconds") > 0  # the previous scrape's
 
 
 async def test_a_request_head_too_large_or_too_slow_is_refused(make_bridge: object) -> None:

@@ -289,7 +289,7 @@ device_messages = st.one_of(
         Configure,
         reset=st.booleans(),
         endpointing=st.none() | st.sampled_from(Endpointing),
-        threshold=st.none() | st.floats(0, 1),
+        threshold=st.none() | st.floats(0, 1, exclude_min=True),
         neg_threshold=st.none() | st.floats(0, 1),
         min_speech_duration_ms=st.none() | st.integers(0, 60_000),
         max_silence_duration_ms=st.none() | st.integers(0, 60_000),
@@ -610,7 +610,8 @@ def test_protocol_md_hex_example_is_the_first_frame_vector(protocol_md: str) -> 
 
 def test_protocol_md_limits_match_the_defaults(protocol_md: str) -> None:
     from service.config import Config
-    from service.ingest.devices import ERROR_INTERVAL_S, QUIET_FLUSH_S
+    from service.ingest.devices import QUIET_FLUSH_S
+    from service.ingest.limits import ERROR_INTERVAL_S, START_BURST
     from service.ingest.router import MAX_CONTROL_BYTES
 
     session = Config().session
@@ -624,6 +625,10 @@ def test_protocol_md_limits_match_the_defaults(protocol_md: str) -> None:
         "session.max_sessions": session.max_sessions,
         "MAX_CONTROL_BYTES": MAX_CONTROL_BYTES,
         "ERROR_INTERVAL_S": f"{ERROR_INTERVAL_S:g} s",
+        "session.max_gap_ms": f"{session.max_gap_ms} ms",
+        "session.max_starts_per_s": f"{session.max_starts_per_s:g} per second",
+        "START_BURST": START_BURST,
+        "session.max_errors_per_s": f"{session.max_errors_per_s} per second",
         "QUIET_FLUSH_S": f"{QUIET_FLUSH_S * 1000:g} ms",
     }
     for key, value in expected.items():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from service.link.backoff import Backoff
 from service.link.client import mqtt_client
+from service.link.takeover import IN_A_ROW, SHORT_LIVED_S, TakeoverWatch
 from service.link.transport import ConnectOptions, LinkError, MqttConnection
 from service.tools.devbroker import PrivateMosquitto
 from service.tools.device_sim import send_utterance
@@ -58,6 +59,22 @@ def test_backoff_doubles_to_its_max_with_jitter_and_starts_over_after_a_connecti
     real = Backoff(1.0, 8.0, jitter="full")
     waits = [real.next_wait() for _ in range(200)]
     assert all(0.0 <= w <= 8.0 for w in waits) and len(set(waits)) > 100
+
+
+def test_a_takeover_is_named_by_mqtt_5_or_seen_as_short_connections_in_a_row() -> None:
+    watch = TakeoverWatch()
+    assert watch.closed("Session taken over", lived_s=60) and watch.suspected  # MQTT 5 says so (0x8E)
+    watch.failed()  # a failed reconnect: the broker was away, nobody took anything
+    assert not watch.suspected
+    short = SHORT_LIVED_S / 2
+    seen = [watch.closed("Unspecified error", lived_s=short) for _ in range(IN_A_ROW)]
+    assert seen == [False] * (IN_A_ROW - 1) + [True] and watch.suspected
+    assert not watch.closed("Unspecified error", lived_s=SHORT_LIVED_S * 2)  # a long connection ends the streak
+    assert not watch.suspected
+    for _ in range(IN_A_ROW - 1):
+        watch.closed("Unspecified error", lived_s=short)
+    watch.failed()
+    assert not watch.closed("Unspecified error", lived_s=short)  # a restart between them: no takeover
 
 
 async def test_messages_reach_the_handler_as_read_without_a_queue_or_a_task(broker: Broker) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.redact import MASK, Redactor, redact_url, url_host
+from service.redact import MASK, Redactor, redact_url, url_host, url_secrets
 
 
 @pytest.mark.parametrize(
@@ -77,3 +77,27 @@ def test_redactor_cuts_after_masking() -> None:
 def test_an_empty_redactor_changes_nothing() -> None:
     assert Redactor()("text with *** already") == "text with *** already"
     assert Redactor("")("") == ""
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://u:hunter2@x:abc/?key=tok9", "wss://u:hunter2@[x/?token=tok9", "user:hunter2@host/?token=tok9"],
+)
+def test_a_url_that_does_not_parse_hides_its_userinfo_and_its_query(url: str) -> None:
+    shown = redact_url(url)
+    assert "hunter2" not in shown and "tok9" not in shown and shown.endswith(f"?{MASK}")
+
+
+@pytest.mark.parametrize(
+    ("url", "secrets"),
+    [
+        ("http://u:hunter2@x:8000/v1?key=tok9&lang=en", ("hunter2", "tok9")),
+        ("wss://u:hunter2@[x/?token=tok9", ("hunter2", "tok9")),
+        ("mqtts://tok3n@broker", ("tok3n",)),
+        ("https://api.openai.com/v1/audio/transcriptions", ()),
+    ],
+)
+def test_url_secrets_feed_a_redactor_that_masks_them_wherever_they_are_quoted(url: str, secrets: tuple) -> None:
+    assert url_secrets(url) == secrets
+    quoted = f"client said: bad credentials {' '.join(secrets)} for {url}"
+    assert not any(secret in Redactor(*url_secrets(url))(quoted) for secret in secrets)

@@ -161,3 +161,49 @@ def _group_alive(group: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+async def test_a_session_still_running_at_the_drain_limit_gets_a_retryable_error_before_offline(
+    make_bridge: object, speech: dict
+) -> None:
+    """Push-to-talk with the button still held when the drain runs out: never silence, an error then offline."""
+    bridge: BridgeProcess = make_bridge(CONFIG + "[session]\nidle_timeout_s = 60\n")  # type: ignore[operator]
+    assert bridge.process is not None
+    broker = bridge.broker
+    session = random.randint(1, 0xFFFFFFFF)
+    frames = frames_of(speech["what_time"], session, 20)
+    order: list[str] = []
+    holder_id = f"holder-{random.getrandbits(32):08x}"
+    async with (
+        RawDevice(broker.host, broker.port, bridge.prefix, holder_id) as holder,
+        aiomqtt.Client(broker.host, broker.port) as bystander,
+    ):
+        await bystander.subscribe(f"{bridge.prefix}/{holder_id}/out/#", qos=1)
+        await bystander.subscribe(f"{bridge.prefix}/status", qos=1)
+
+        async def watch() -> None:
+            async for message in bystander.messages:
+                decoded = decode_bridge_message(bytes(message.payload))  # type: ignore[arg-type,unused-ignore]
+                order.append(str(getattr(decoded, "state", None) or decoded.__struct_config__.tag))
+
+        watcher = asyncio.create_task(watch())
+        await holder.control(Start(session=session, endpointing=Endpointing.PUSH_TO_TALK))
+        await holder.stream(frames[: len(frames) // 2])
+        await holder.wait_for(lambda m: isinstance(m, SpeechStarted))
+
+        bridge.process.send_signal(signal.SIGTERM)
+        await _wait_for_log(bridge, "bridge.stopping")
+        error = await holder.wait_for(lambda m: isinstance(m, Error), timeout=40)
+        assert isinstance(error, Error) and error.code is ErrorCode.BACKEND_UNAVAILABLE
+        assert error.retryable and error.session == session and "shutting down" in error.message
+        assert not any(isinstance(m, Transcript) and m.final for m in holder.messages(session))
+
+        code = await asyncio.to_thread(bridge.process.wait, 30)
+        assert code == 0, bridge.log()
+        assert await wait_for_status(broker, bridge.prefix, "offline", timeout=10) is not None
+        await asyncio.sleep(0.2)
+        watcher.cancel()
+
+    assert order.index("error") < order.index("offline"), order
+    log = bridge.log_path.read_text(errors="replace")
+    assert '"session.deadline"' in log and "Traceback" not in log, bridge.log()

@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from firmware_protocol import (
     Configure,
     Configured,
     Endpointing,
+    EndpointingOverrides,
     EndReason,
     Error,
     ErrorCode,
     Listening,
+    ProtocolError,
     SpeechEnded,
     SpeechStarted,
     Start,
     Transcript,
     VadEngine,
+    decode_device_message,
+    encode_message,
 )
-from service.config import parse_config
+from service.config import ConfigError, overrides_problem, parse_config
 from service.endpointing.tuning import DeviceTuning, TuningRejected
 from service.tools.device_sim import frames_of
 from tests.conftest import BridgeProcess
@@ -132,3 +139,79 @@ def test_tuning_layers_win_in_order_config_devices_table_configure_start() -> No
     # Validated with the devices table under it: its threshold makes this neg_threshold too high.
     with pytest.raises(TuningRejected, match=r"^\$\.neg_threshold: must be below threshold \(0\.6\)$"):
         tuning.reconfigure("d1", reset, Configure(neg_threshold=0.7))
+
+
+# What `configured` says always satisfies the rules `configure` enforces -------------------------
+
+_probability = st.floats(0, 1) | st.sampled_from([0.0, 5e-324, 1e-320, 0.05, 0.15, 0.2, 0.95, 1.0])
+_threshold = st.none() | _probability
+_neg = st.none() | _probability
+
+
+def _toml_table(name: str, values: dict[str, object]) -> str:
+    lines = [f"{key} = {value!r}" for key, value in values.items() if value is not None]
+    return f"[{name}]\n" + "\n".join(lines) + "\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    vad_threshold=_threshold,
+    vad_neg=_neg,
+    table_threshold=_threshold,
+    table_neg=_neg,
+    threshold=_threshold,
+    neg=_neg,
+    max_utterance_s=st.none() | st.floats(0.001, 60),
+)
+def test_effective_tuning_satisfies_the_rules_configure_enforces(
+    vad_threshold: float | None,
+    vad_neg: float | None,
+    table_threshold: float | None,
+    table_neg: float | None,
+    threshold: float | None,
+    neg: float | None,
+    max_utterance_s: float | None,
+) -> None:
+    text = _toml_table("asr.vad", {"threshold": vad_threshold, "neg_threshold": vad_neg}) + _toml_table(
+        "devices.d1", {"threshold": table_threshold, "neg_threshold": table_neg}
+    )
+    try:
+        config = parse_config(text)
+    except ConfigError:
+        return  # refused by check-config: never runs
+    tuning = DeviceTuning(config)
+    fields = {"threshold": threshold, "neg_threshold": neg, "max_utterance_s": max_utterance_s}
+    wire = encode_message(Configure(**{k: v for k, v in fields.items() if v is not None}))  # type: ignore[arg-type]
+    try:
+        overrides = tuning.reconfigure("d1", None, msgspec.convert(decode_device_message(wire), Configure))
+    except (ProtocolError, TuningRejected):
+        overrides = None  # refused with bad_control: the device keeps the config's tuning
+    for device_overrides in (None, overrides):
+        effective = tuning.effective("d1", device_overrides, None)
+        assert 0 <= effective.neg_threshold < effective.threshold <= 1, effective
+        echoed = EndpointingOverrides(
+            threshold=effective.threshold,
+            neg_threshold=effective.neg_threshold,
+            max_utterance_s=effective.max_utterance_s,
+            vad_engine=effective.vad_engine,
+        )
+        assert overrides_problem(config, echoed) is None, effective
+        # A device may send what it was told back as a configure: it must be accepted as it is.
+        back = Configure(**{f: getattr(echoed, f) for f in ("threshold", "neg_threshold", "max_utterance_s")})
+        assert decode_device_message(encode_message(back)) == back
+        tuning.reconfigure("d1", device_overrides, back)
+
+
+@pytest.mark.parametrize("threshold", [5e-324, 1e-320, 0.01, 0.05, 0.1, 0.15])
+def test_a_tiny_threshold_gets_a_neg_threshold_below_it(threshold: float) -> None:
+    tuning = DeviceTuning(parse_config(""))
+    configured = tuning.effective("d", tuning.reconfigure("d", None, Configure(threshold=threshold)), None)
+    assert 0 <= configured.neg_threshold < configured.threshold == threshold
+
+
+def test_threshold_zero_is_refused_by_configure_and_by_config() -> None:
+    with pytest.raises(ProtocolError, match=r"^\$\.threshold: "):
+        decode_device_message(b'{"type":"configure","threshold":0}')
+    for text in ("[asr.vad]\nthreshold = 0.0\n", "[devices.d1]\nthreshold = 0.0\n"):
+        with pytest.raises(ConfigError, match="threshold"):
+            parse_config(text)

@@ -178,7 +178,7 @@ async def _session(
 ) -> list[object]:
     published: list[object] = []
 
-    async def publish(topic: str, payload: bytes, qos: int) -> None:
+    def publish(topic: str, payload: bytes, **_: object) -> None:
         published.append(decode_bridge_message(payload))
 
     services = SessionServices(

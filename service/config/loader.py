@@ -244,13 +244,23 @@ def _check_asr(config: Config, report: Report) -> None:
         report("asr.vad.neg_threshold", "must be below asr.vad.threshold")
     if vad.engine is VadEngine.REMOTE and not config.asr.vad_realtime_url:
         report("asr.vad.engine", _REMOTE_NEEDS_URL)
-    if config.asr.vad_realtime_url and urlsplit(config.asr.vad_realtime_url).scheme not in ("ws", "wss"):
+    if config.asr.vad_realtime_url and _url_scheme(config.asr.vad_realtime_url) not in ("ws", "wss"):
         report(
             "asr.vad_realtime_url",
             f"expected ws://host:port/v1/audio/realtime_vad, got {redact_url(config.asr.vad_realtime_url)!r}",
         )
-    if config.asr.vad_url and urlsplit(config.asr.vad_url).scheme not in ("http", "https"):
+    if config.asr.vad_url and _url_scheme(config.asr.vad_url) not in ("http", "https"):
         report("asr.vad_url", f"expected http://host:port/v1/audio/vad, got {redact_url(config.asr.vad_url)!r}")
+
+
+def _url_scheme(url: str) -> str | None:
+    """The scheme of a URL that parses (host and port included), else ``None``; never raises."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:  # e.g. an unclosed [IPv6 bracket; the message would not say which field
+        return None
+    return parts.scheme
 
 
 _REMOTE_NEEDS_URL = '"remote" needs asr.vad_realtime_url (silero_vad_server\'s ws://host:9093/v1/audio/realtime_vad)'
@@ -262,6 +272,8 @@ def _check_backend(asr: AsrConfig, path: str, report: Report) -> None:
         report(f"{path}.platform", f"unknown platform {asr.platform!r} (available: {available})")
         return
     backend = asr.backend
+    if backend.url and _url_scheme(backend.url) is None:
+        report(f"{path}.url", f"not a URL: {redact_url(backend.url)!r}")  # redacted: it may carry a key
     if isinstance(backend, PocketsphinxSettings) and backend.grammar:
         if backend.phrases:
             report(f"{path}.phrases", "set either grammar or phrases, not both")

@@ -30,7 +30,8 @@ class MqttConfig(_Section):
     username: str = ""
     password: str = ""
     client_id: str = ""
-    """Empty: ``echokit-bridge-<instance>``; a fixed id makes two bridges kick each other off."""
+    """Empty: ``echokit-bridge-<instance>-<random>``, new on every start and never published (the
+    status shows only ``instance``); a fixed id makes two bridges kick each other off."""
     topic_prefix: str = DEFAULT_PREFIX
     ca_file: str = ""
     keepalive_s: PositiveInt = 30
@@ -42,12 +43,22 @@ class MqttConfig(_Section):
     last-frame → final latency with many devices (bench/bridge_throughput.py measures it).
     """
     reconnect_max_s: Positive = 30.0
+    publish_queue: PositiveInt = 5000
+    """Messages waiting to be published, at most; when full the least important, oldest one is
+    dropped (partials and ``speech_started`` first, then the rest a device acts on, errors, finals last)."""
+    publish_inflight: PositiveInt = 100
+    """QoS 1 publishes awaiting their PUBACK, at most (and at most the broker's Receive Maximum)."""
+    publish_max_age_s: Positive = 60.0
+    """A message not published within this (e.g. across a broker outage) is dropped and counted."""
+    resume_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    """After a reconnect, how long messages from before the outage wait for devices to re-subscribe."""
 
 
 class VadConfig(_Section):
     """EchoKit's ``[asr.vad]`` with its defaults (echokit_server ``src/ai/vad.rs``)."""
 
-    threshold: Probability = 0.5
+    threshold: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.5
+    """Above 0: ``neg_threshold`` must be below it."""
     neg_threshold: Probability | None = None
     min_speech_duration_ms: Annotated[int, msgspec.Meta(ge=0)] = 400
     max_silence_duration_ms: Annotated[int, msgspec.Meta(ge=0)] = 200
@@ -62,7 +73,12 @@ class VadConfig(_Section):
     def effective_neg_threshold(self) -> float:
         if self.neg_threshold is not None:
             return self.neg_threshold
-        return max(min(self.threshold, 0.95) - 0.15, 0.05)
+        return derived_neg_threshold(self.threshold)
+
+
+def derived_neg_threshold(threshold: float) -> float:
+    """EchoKit's ``neg_threshold`` when none is set: ``threshold`` - 0.15, at least 0.05; always below it."""
+    return max(min(threshold, 0.95) - 0.15, min(0.05, threshold / 2))
 
 
 class BackendSettings(_Section, tag_field="backend"):
@@ -167,6 +183,12 @@ class SessionConfig(_Section):
     max_frame_bytes: PositiveInt = 16400
     max_device_message_bytes: Annotated[int, msgspec.Meta(ge=256)] = 1024
     """Largest MQTT packet sent to a device (ESP-MQTT's default buffer); longer texts are cut."""
+    max_gap_ms: PositiveInt = 1000
+    """Audio a session's missing frames may skip and still be concealed with silence; a longer gap ends it."""
+    max_starts_per_s: Positive = 2.0
+    """Sessions one device may start per second (after a burst of 5); more are refused ``too_many_sessions``."""
+    max_errors_per_s: PositiveInt = 200
+    """Errors about incoming messages sent per second to the whole fleet; more are dropped (and counted)."""
 
 
 class DevicesConfig(_Section):

@@ -38,7 +38,7 @@ from service.config import AsrConfig
 from service.endpointing.silero import _CONTEXT, SileroState, VadBatcher
 from service.recognition import BackendError
 from service.recognition.http import status_error, transport_error
-from service.redact import redact_url
+from service.redact import Redactor, redact_url, url_secrets
 from service.wav import wav_bytes
 
 log = structlog.get_logger(__name__)
@@ -244,10 +244,11 @@ class RemoteScorer:
     def _fail(self, reason: str) -> None:
         if self.failed is not None or self._closing:
             return
+        reason = Redactor(*url_secrets(self._url))(reason, 200)  # e.g. InvalidURI quotes the whole URL
         self.failed = reason
         self._speaking = False
         self._counts.remote_fallbacks += 1
-        self._log.warning("vad.remote_failed", url=redact_url(self._url), reason=reason[:200], fallback="silero")
+        self._log.warning("vad.remote_failed", url=redact_url(self._url), reason=reason, fallback="silero")
 
     async def aclose(self) -> None:
         self._closing = True
@@ -304,7 +305,7 @@ class BatchVadCheck:
             code=error.code.value,
             retryable=error.retryable,
             failover=error.failover,
-            reason=str(error)[:200],
+            reason=Redactor(*url_secrets(self._url))(str(error), 200),
         )
 
     async def aclose(self) -> None:

@@ -12,6 +12,7 @@ import msgspec
 
 from firmware_protocol import Configure, Configured, EndpointingOverrides, Start
 from service.config import Config, overrides_problem
+from service.config.schema import derived_neg_threshold
 
 T = TypeVar("T")
 
@@ -56,7 +57,7 @@ def effective_tuning(
         endpointing=(start.endpointing if start and start.endpointing else None)
         or _pick(layered.endpointing, config.session.endpointing),
         threshold=threshold,
-        neg_threshold=negative if negative is not None else max(min(threshold, 0.95) - 0.15, 0.05),
+        neg_threshold=negative if negative is not None else derived_neg_threshold(threshold),
         min_speech_duration_ms=_pick(layered.min_speech_duration_ms, vad.min_speech_duration_ms),
         max_silence_duration_ms=_pick(layered.max_silence_duration_ms, vad.max_silence_duration_ms),
         hangover_ms=_pick(layered.hangover_ms, vad.hangover_ms),

@@ -1,12 +1,15 @@
 """Starts a device's sessions: admission, superseding, the session's tuning and options, its task.
 
 A device speaks one utterance at a time, so a new session cancels the running one. At most
-``session.max_sessions`` run at once; a refused device is told to retry.
+``session.max_sessions`` run at once, and a device starts at most ``session.max_starts_per_s``
+(after a small burst); a refused device is told when to retry (``retry_after_ms``), before
+anything is allocated for the session.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 
 from firmware_protocol import ErrorCode, Start
@@ -17,6 +20,9 @@ from service.recognition import SessionOptions
 from service.session.services import SessionServices
 from service.session.turn import Session
 from service.tasks import TaskSet
+
+SHUTDOWN_RETRY_MS = 5000
+"""A bridge shutting down is usually back (or replaced) within seconds."""
 
 
 class SessionLauncher:
@@ -30,6 +36,7 @@ class SessionLauncher:
         tasks: TaskSet,
     ) -> None:
         self._max_sessions = config.session.max_sessions
+        self._starts_per_s = config.session.max_starts_per_s
         self._asr = config.asr
         self._services = services
         self._tuning = tuning
@@ -46,8 +53,18 @@ class SessionLauncher:
 
     def start(self, device_id: str, device: DeviceState, session_id: int) -> bool:
         """Start ``session_id`` for the device, superseding its running session; ``False``: refused."""
-        if not self._accepting or (device.session is None and self.running >= self._max_sessions):
-            self._refuse(device_id, device, session_id)
+        if not self._accepting:
+            self._refuse(device_id, device, session_id, "shutdown", "the bridge is shutting down", SHUTDOWN_RETRY_MS)
+            return False
+        if device.session is None and self.running >= self._max_sessions:
+            reason = f"{self._max_sessions} sessions are active; retry shortly"
+            # Spread the retries of a refused crowd over a second, so they do not all come back at once.
+            self._refuse(device_id, device, session_id, "capacity", reason, random.randint(1000, 2000))
+            return False
+        if wait_s := device.starts.take(self._starts_per_s, time.monotonic()):
+            wait_ms = max(int(wait_s * 1000), 1)
+            reason = f"more than {self._starts_per_s:g} sessions a second from this device"
+            self._refuse(device_id, device, session_id, "rate", reason, wait_ms)
             return False
         restart = device.tracker.session_id == session_id
         if device.session is not None:
@@ -66,10 +83,11 @@ class SessionLauncher:
         if device.session is None:
             self.running += 1
         device.session = session
+        self._registry.live[device_id] = device
         device.last_frame = time.monotonic()  # the idle clock starts with the session
         self._stats.sessions_started += 1
         task = self._tasks.spawn(session.run(), name=f"session-{device_id}-{session_id}")
-        task.add_done_callback(lambda _: self._finished(device, session))
+        task.add_done_callback(lambda _: self._finished(device_id, device, session))
         return True
 
     def apply_start(self, device_id: str, device: DeviceState, message: Start) -> None:
@@ -87,15 +105,17 @@ class SessionLauncher:
         if device.tracker.session_id != message.session:
             self.start(device_id, device, message.session)
 
-    def _refuse(self, device_id: str, device: DeviceState, session_id: int) -> None:
-        self._stats.sessions_refused += 1
+    def _refuse(
+        self, device_id: str, device: DeviceState, session_id: int, why: str, reason: str, retry_after_ms: int
+    ) -> None:
+        """Refused (``why`` counts it by reason): the id is closed, and the device is told when to retry."""
+        stats = self._stats
+        stats.sessions_refused += 1
+        stats.refused_by_reason[why] = stats.refused_by_reason.get(why, 0) + 1
         device.tracker.close(session_id)
-        reason = (
-            "the bridge is shutting down"
-            if not self._accepting
-            else f"{self._max_sessions} sessions are active; retry shortly"
+        self._registry.report(
+            device_id, ErrorCode.TOO_MANY_SESSIONS, reason, session_id, retryable=True, retry_after_ms=retry_after_ms
         )
-        self._registry.report(device_id, ErrorCode.TOO_MANY_SESSIONS, reason, session_id, retryable=True)
 
     def _options(self, device_id: str, start: Start | None) -> SessionOptions:
         """The device's per-session options over the configured ``asr.lang`` / ``asr.prompt``."""
@@ -105,9 +125,10 @@ class SessionLauncher:
             device_id=device_id,
         )
 
-    def _finished(self, device: DeviceState, session: Session) -> None:
+    def _finished(self, device_id: str, device: DeviceState, session: Session) -> None:
         if device.session is session:  # else a newer session already replaced it on the device
             device.tracker.close(session.session_id)
             device.session = None
+            self._registry.live.pop(device_id, None)
             self.running -= 1
         session.log.debug("session.closed", **dataclasses.asdict(device.tracker.stats))

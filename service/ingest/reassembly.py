@@ -4,7 +4,9 @@ Pure logic, no I/O and no clock, so property tests can drive it with any arrival
 A frame of a new session id starts a new session (and supersedes the running one); a
 FIRST frame repeated on the running session restarts it (the device rebooted and reused
 its id); frames of recently closed sessions are stale and dropped, so a late straggler
-cannot tear down the session that replaced it.
+cannot tear down the session that replaced it. Memory is bounded whatever ``seq`` says: a
+gap longer than ``max_gap_bytes`` of audio raises :class:`GapTooLarge` instead of being
+concealed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from firmware_protocol import AudioFrame
+from firmware_protocol import SAMPLES_PER_MS, AudioFrame
+
+BYTES_PER_MS = 2 * SAMPLES_PER_MS
+"""16-bit mono PCM at the protocol's rate."""
+ASSUMED_FRAME_BYTES = 20 * BYTES_PER_MS
+"""How long a missing frame counts before the session's first non-empty frame: 20 ms."""
+LOST_REMEMBERED = 512
+"""Lost ``seq`` remembered per session, to tell a late frame from a duplicate."""
 
 
 @dataclass(slots=True)
@@ -37,6 +46,14 @@ class FrameStats:
         self.stale += other.stale
 
 
+class GapTooLarge(Exception):
+    """Concealing the gap would take more silence than allowed: the session must end instead."""
+
+    def __init__(self, missing: int, gap_ms: int) -> None:
+        super().__init__(f"{missing} frames ({gap_ms} ms) missing")
+        self.gap_ms = gap_ms
+
+
 class Arrival(enum.Enum):
     CONTINUES = "continues"
     """The frame belongs to the running session."""
@@ -53,11 +70,13 @@ class Reassembler:
     Frames are released as soon as they are next in sequence. A gap is declared lost
     once a frame ``window`` places beyond it has arrived (or on :meth:`flush`); a lost
     frame is replaced by silence of the previous frame's length, so audio offsets stay
-    true to the device's clock.
+    true to the device's clock. A gap of more than ``max_gap_bytes`` of audio is not
+    concealed: :meth:`push` and :meth:`flush` raise :class:`GapTooLarge`, before any allocation.
     """
 
     window: int
     stats: FrameStats
+    max_gap_bytes: int = 1000 * BYTES_PER_MS
     expected: int = 0
     last_seq: int | None = None
     _pending: dict[int, bytes] = field(default_factory=dict)
@@ -101,8 +120,10 @@ class Reassembler:
         while self._pending:
             out.extend(self._skip_gap())
         if self.last_seq is not None and self.expected <= self.last_seq:
-            self._mark_lost(self.last_seq + 1 - self.expected)
-            out.extend(self._silence(self.last_seq + 1 - self.expected))
+            missing = self.last_seq + 1 - self.expected
+            self._check_gap(missing)
+            self._mark_lost(missing)
+            out.extend(self._silence(missing))
             self.expected = self.last_seq + 1
         return out
 
@@ -118,15 +139,22 @@ class Reassembler:
 
     def _skip_gap(self) -> list[bytes]:
         missing = min(self._pending) - self.expected
+        self._check_gap(missing)
         self._mark_lost(missing)
         silence = self._silence(missing)
         self.expected += missing
         return silence + self._release()
 
+    def _check_gap(self, missing: int) -> None:
+        gap_bytes = missing * (self._frame_bytes or ASSUMED_FRAME_BYTES)
+        if gap_bytes > self.max_gap_bytes:
+            raise GapTooLarge(missing, gap_bytes // BYTES_PER_MS)
+
     def _mark_lost(self, count: int) -> None:
         self.stats.lost += count
-        if len(self._lost) < 4096:
-            self._lost.update(range(self.expected, self.expected + count))
+        room = LOST_REMEMBERED - len(self._lost)
+        if room > 0:
+            self._lost.update(range(self.expected, self.expected + min(count, room)))
 
     def _silence(self, count: int) -> list[bytes]:
         return [bytes(self._frame_bytes)] * count if self._frame_bytes else []
@@ -138,9 +166,10 @@ class SessionTracker:
     ``stats`` count every frame of the device, over all its sessions.
     """
 
-    def __init__(self, window: int, remember: int = 16) -> None:
+    def __init__(self, window: int, remember: int = 16, max_gap_bytes: int = 1000 * BYTES_PER_MS) -> None:
         self.stats = FrameStats()
         self._window = window
+        self._max_gap_bytes = max_gap_bytes
         self.session_id: int | None = None
         self.reassembler: Reassembler | None = None
         self._closed: deque[int] = deque(maxlen=remember)
@@ -161,7 +190,7 @@ class SessionTracker:
         if self.session_id is not None:
             self.close(self.session_id)
         self.session_id = session_id
-        self.reassembler = Reassembler(self._window, self.stats)
+        self.reassembler = Reassembler(self._window, self.stats, self._max_gap_bytes)
         return self.reassembler
 
     def close(self, session_id: int) -> None:

@@ -2,10 +2,12 @@
 
 Everything here runs synchronously in the MQTT dispatch callback, so a device's frames
 are handled in arrival order and no frame waits on another device's work. Bad input is
-counted by code and answered with a rate-limited ``error``.
+counted by code and answered with a rate-limited ``error``; it creates no device state.
 """
 
 from __future__ import annotations
+
+import time
 
 import structlog
 
@@ -28,13 +30,16 @@ from service.config import Config
 from service.endpointing.tuning import DeviceTuning, TuningRejected
 from service.ingest.devices import DeviceRegistry, DeviceState, FleetStats
 from service.ingest.launcher import SessionLauncher
-from service.ingest.reassembly import Arrival, FrameStats
+from service.ingest.limits import ERROR_INTERVAL_S, ErrorCounts
+from service.ingest.reassembly import Arrival, FrameStats, GapTooLarge
 from service.session.services import SessionServices
 from service.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
 
 MAX_CONTROL_BYTES = 4096
+ABORT_GRACE_S = 3.0
+"""After the drain: how long the sessions it ended (their error already queued) have to release their backend."""
 
 
 class MessageRouter:
@@ -46,13 +51,17 @@ class MessageRouter:
         self._max_frame_bytes = config.session.max_frame_bytes
         self.stats = FleetStats()
         self._tasks = TaskSet("ingest")
-        """Sessions and the errors and ``configured`` replies sent to devices: all drained together."""
+        """The sessions' tasks, drained together (errors and ``configured`` go straight to the link's queue)."""
+        self._running = services.running
         self._tuning = DeviceTuning(config)
-        self._registry = DeviceRegistry(config, services.publisher, self.stats, self._tasks)
+        self._registry = DeviceRegistry(config, services.publisher, self.stats)
         self._launcher = SessionLauncher(config, services, self._tuning, self._registry, self.stats, self._tasks)
         self._allow = self._registry.allow
         self._touch = self._registry.touch
         self._report = self._registry.report
+        self._invalid_logged = 0.0
+        self._invalid_unlogged = 0
+        """Invalid device ids since the last ``device.invalid_id`` line (logged at most once per second)."""
 
     # Read by metrics at scrape time -------------------------------------------------------------
 
@@ -72,6 +81,14 @@ class MessageRouter:
         """Audio chunks waiting in the running sessions' queues."""
         return self._registry.audio_queued()
 
+    @property
+    def device_errors(self) -> ErrorCounts:
+        return self._registry.errors.counts
+
+    @property
+    def error_limiter_entries(self) -> int:
+        return len(self._registry.errors)
+
     # Dispatch ----------------------------------------------------------------------------------
 
     def handle(self, topic: str, payload: bytes) -> None:
@@ -84,7 +101,7 @@ class MessageRouter:
         device_id, kind = parsed
         if not is_valid_device_id(device_id):
             self._reject("invalid_device_id")
-            log.warning("device.invalid_id", topic=topic[:200])
+            self._log_invalid_id(topic)
             return
         if self._allow and device_id not in self._allow:
             self._refuse(device_id, ErrorCode.UNKNOWN_DEVICE, "this device is not in the bridge's devices.allow list")
@@ -120,8 +137,12 @@ class MessageRouter:
         session, reassembler = device.session, device.tracker.reassembler
         if session is None or reassembler is None:
             return
-        for pcm in reassembler.push(frame):
-            session.push(pcm)
+        try:
+            for pcm in reassembler.push(frame):
+                session.push(pcm)
+        except GapTooLarge as gap:
+            self._registry.end_gapped(device_id, device, gap)
+            return
         if reassembler.complete:
             session.end(EndReason.DEVICE)
 
@@ -152,7 +173,7 @@ class MessageRouter:
         elif isinstance(message, Cancel):
             if device.session is not None and device.session.session_id == message.session:
                 device.session.cancel()
-            device.tracker.close(message.session)
+            device.tracker.close(message.session)  # a session not started yet: its frames will be dropped
         elif isinstance(message, Start):
             self._launcher.apply_start(device_id, device, message)
 
@@ -164,7 +185,7 @@ class MessageRouter:
             self._report(device_id, ErrorCode.BAD_CONTROL, str(exc))
             return
         effective = self._tuning.effective(device_id, device.overrides, None)
-        self._tasks.spawn(self._publisher.send(device_id, effective))
+        self._publisher.post(device_id, effective)
 
     def _refuse(self, device_id: str, code: ErrorCode, reason: str, session: int | None = None) -> None:
         """A message refused: counted under ``code``, and the device told why."""
@@ -175,6 +196,15 @@ class MessageRouter:
         key = str(code)
         self.stats.rejected_by_code[key] = self.stats.rejected_by_code.get(key, 0) + 1
 
+    def _log_invalid_id(self, topic: str) -> None:
+        """One line per second at most, however many invalid ids arrive: the log stays readable and cheap."""
+        now = time.monotonic()
+        if now - self._invalid_logged < ERROR_INTERVAL_S:
+            self._invalid_unlogged += 1
+            return
+        log.warning("device.invalid_id", topic=topic[:200], suppressed=self._invalid_unlogged)
+        self._invalid_logged, self._invalid_unlogged = now, 0
+
     # Housekeeping ------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -182,7 +212,12 @@ class MessageRouter:
         await self._registry.run()
 
     async def drain(self, timeout: float) -> None:
-        """Stop taking sessions; give running ones (and errors on their way out) ``timeout`` seconds to finish."""
+        """Stop taking sessions; give running ones (and errors on their way out) ``timeout`` seconds to finish.
+
+        A session still running then ends with a retryable error, published before the bridge goes.
+        """
         self._launcher.stop()
         await self._tasks.wait(timeout)
+        if self._running.abort_all("the bridge is shutting down"):
+            await self._tasks.wait(ABORT_GRACE_S)
         self._tasks.cancel()

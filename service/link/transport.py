@@ -28,6 +28,9 @@ from service.link.client import BrokerAddress, tls_context
 MessageHandler = Callable[[str, bytes], None]
 """``(topic, payload)`` of one received PUBLISH; called on the event loop, must not block."""
 
+NO_RECEIVE_MAXIMUM = 65535
+"""MQTT 5's default Receive Maximum (QoS 1 publishes in flight to the broker), and 3.1.1's none."""
+
 
 class LinkError(Exception):
     """The connection failed, was refused, or was lost; what was in flight did not complete."""
@@ -59,12 +62,18 @@ class MqttConnection:
     """``async with MqttConnection(options, handler) as conn``: connected until the block ends or the broker goes.
 
     A clean session on either version (3.1.1 clean session; 5 clean start with expiry 0), so the
-    broker keeps nothing for a bridge that is gone.
+    broker keeps nothing for a bridge that is gone. Retained messages (what a broker replays on
+    every subscribe) go to ``on_retained`` when given, else to ``on_message`` like any other.
     """
 
-    def __init__(self, options: ConnectOptions, on_message: MessageHandler) -> None:
+    def __init__(
+        self, options: ConnectOptions, on_message: MessageHandler, on_retained: MessageHandler | None = None
+    ) -> None:
         self._options = options
         self._on_message = on_message
+        self._on_retained = on_retained
+        self.receive_maximum = NO_RECEIVE_MAXIMUM
+        """QoS 1 publishes the broker accepts in flight (its CONNACK's Receive Maximum on MQTT 5)."""
         self._loop = asyncio.get_running_loop()
         self._client = self._paho_client()
         self._connected: asyncio.Future[None] = self._loop.create_future()
@@ -88,6 +97,7 @@ class MqttConnection:
             client.tls_set_context(tls_context(o.ca_file))
         if o.will is not None:
             client.will_set(o.will.topic, o.will.payload, qos=o.will.qos, retain=o.will.retain)
+        client.max_inflight_messages_set(0)  # no second queue in paho: the caller bounds what is in flight
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_ack
@@ -161,6 +171,23 @@ class MqttConnection:
             return
         await self._await_ack(info.rc, info.mid)
 
+    def send(self, topic: str, payload: bytes, qos: int, retain: bool) -> asyncio.Future[None]:
+        """Hand one PUBLISH to paho without waiting; the future is done once it is through.
+
+        Through means written to the socket (QoS 0) or acknowledged by the broker (QoS 1), so a
+        caller that bounds its unfinished futures bounds paho's own output buffer too. The future
+        fails with :class:`LinkError` when the connection is lost first; it has no timeout of its
+        own (the keepalive notices a dead broker).
+        """
+        if self._closed.done():
+            raise LinkError(f"connection lost: {self._closed.result()}")
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise LinkError(paho.error_string(info.rc))
+        ack = self._acks[info.mid] = self._loop.create_future()
+        ack.add_done_callback(lambda _: self._acks.pop(info.mid, None))
+        return ack
+
     async def _await_ack(self, result: MQTTErrorCode, mid: int | None) -> None:
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise LinkError(paho.error_string(result))
@@ -179,11 +206,13 @@ class MqttConnection:
 
     def _deliver(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
         payload = message.payload  # bytes as paho 2.x decodes a PUBLISH (typed bytes | bytearray)
-        self._on_message(message.topic, payload if type(payload) is bytes else bytes(payload))
+        handler = self._on_retained if message.retain and self._on_retained is not None else self._on_message
+        handler(message.topic, payload if type(payload) is bytes else bytes(payload))
 
-    def _on_connect(self, _c: paho.Client, _u: Any, _flags: Any, reason: ReasonCode, _p: Any) -> None:
+    def _on_connect(self, _c: paho.Client, _u: Any, _flags: Any, reason: ReasonCode, properties: Any) -> None:
         if self._connected.done():
             return
+        self.receive_maximum = getattr(properties, "ReceiveMaximum", NO_RECEIVE_MAXIMUM)
         if reason.is_failure:
             self._connected.set_exception(LinkError(f"the broker refused the connection: {reason}"))
         else:
@@ -193,7 +222,7 @@ class MqttConnection:
         self._lost(str(reason))
 
     def _on_ack(self, _c: paho.Client, _u: Any, mid: int, _reason: Any, _p: Any) -> None:
-        ack = self._acks.get(mid)  # a QoS 0 publish is acknowledged inside publish(): nobody waits
+        ack = self._acks.get(mid)  # QoS 0: written to the socket; QoS 1: the PUBACK came
         if ack is not None and not ack.done():
             ack.set_result(None)
 

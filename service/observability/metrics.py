@@ -18,6 +18,7 @@ bounded by the configuration and the protocol.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -64,6 +65,9 @@ REJECTION_CODES = (
     ErrorCode.BAD_CONTROL.value,
 )
 """Reasons a device message is refused; exported at 0 from the start so ``rate()`` sees the first one."""
+
+REFUSAL_REASONS = ("capacity", "rate", "shutdown")
+"""Why a session is refused (``FleetStats.refused_by_reason``); exported at 0 from the start."""
 
 FRAME_COUNTERS = (
     ("frames", "frames_received", "Audio frames taken into a session's reassembly."),
@@ -125,6 +129,11 @@ class BridgeMetrics:
         ).set(1)
         ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         GCCollector(registry=registry)  # python_gc_*: collector pauses are a cost worth watching
+        self.scrape_duration = Gauge(
+            f"{PREFIX}_scrape_duration_seconds",
+            "How long the previous /metrics scrape took to collect, on the bridge's event loop.",
+            registry=registry,
+        )
         self.session = SessionMetrics(self.final_latency, self.first_partial)
         self._backend_labels: set[str] = set()
 
@@ -152,13 +161,22 @@ class BridgeMetrics:
         link: WatchedLink,
         vad: WatchedVad,
         failovers: Callable[[], int],
+        max_sessions: int,
     ) -> None:
-        """Export what these components count themselves, read at scrape time."""
+        """Export what these components count themselves, read at scrape time, and the admission limit."""
         self.registry.register(_BridgeCollector(sessions, link, vad, failovers))
+        Gauge(
+            f"{PREFIX}_sessions_max",
+            "session.max_sessions: sessions_active / sessions_max is how full the bridge is.",
+            registry=self.registry,
+        ).set(max_sessions)
 
     def exposition(self) -> bytes:
-        """The Prometheus text format of everything in the registry."""
-        return generate_latest(self.registry)
+        """The Prometheus text format of everything in the registry; how long that took shows in the next one."""
+        started = time.perf_counter()
+        body = generate_latest(self.registry)
+        self.scrape_duration.set(time.perf_counter() - started)
+        return body
 
     async def monitor_loop_lag(self, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
         """Sleep ``interval_s`` over and over; how late each wake-up comes is the loop's lag."""
@@ -191,6 +209,7 @@ class _BridgeCollector(Collector):
             "Sessions refused (max_sessions reached, or shutting down).",
             fleet.sessions_refused,
         )
+        yield from self._admission()
         yield GaugeMetricFamily(f"{PREFIX}_devices", "Devices the bridge currently keeps state for.", sessions.devices)
         yield CounterMetricFamily(f"{PREFIX}_messages_received_total", "MQTT messages from devices.", fleet.messages)
         rejected = CounterMetricFamily(
@@ -221,11 +240,78 @@ class _BridgeCollector(Collector):
         yield CounterMetricFamily(f"{PREFIX}_mqtt_published_total", "Messages published.", link.published)
         yield CounterMetricFamily(
             f"{PREFIX}_mqtt_publish_dropped_total",
-            "Messages not published: disconnected, or the publish failed.",
+            "Messages not published: the publish queue was full, or they outlived mqtt.publish_max_age_s.",
             link.publish_dropped,
         )
+        yield from self._outgoing()
         yield CounterMetricFamily(
             f"{PREFIX}_backend_failovers_total", "Utterances handed to the next [[asr.fallback]].", self._failovers()
+        )
+
+    def _outgoing(self) -> Iterator[Metric]:
+        """The link under overload: its publish queue, what it dropped by priority, stale and contested input."""
+        link, outgoing = self._link.stats, self._link.stats.outgoing
+        yield GaugeMetricFamily(
+            f"{PREFIX}_mqtt_publish_queue", "Messages waiting to be published.", self._link.publish_queued
+        )
+        dropped = CounterMetricFamily(
+            f"{PREFIX}_mqtt_publish_dropped_by_priority_total",
+            "Messages dropped, by priority: final, error, owed (listening, speech_ended, configured), optional.",
+            labels=["priority"],
+        )
+        for priority, count in outgoing.dropped.items():
+            dropped.add_metric([priority], count)
+        yield dropped
+        yield CounterMetricFamily(
+            f"{PREFIX}_mqtt_publish_expired_total", "Messages dropped after mqtt.publish_max_age_s.", outgoing.expired
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_mqtt_publish_resent_total",
+            "QoS 1 messages sent again after a connection was lost before their PUBACK.",
+            outgoing.resent,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_mqtt_retained_ignored_total",
+            "Retained messages on device topics (replayed by the broker), ignored.",
+            link.retained_ignored,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_mqtt_taken_over_total",
+            "Connections lost to another client using the bridge's client id.",
+            link.taken_over,
+        )
+
+    def _admission(self) -> Iterator[Metric]:
+        """Overload as the ingest stage sees it: refusals by reason, errors the rate limits dropped."""
+        sessions, fleet = self._sessions, self._sessions.stats
+        refusals = CounterMetricFamily(
+            f"{PREFIX}_session_refusals_total",
+            "Sessions refused, by reason: capacity (max_sessions), rate (max_starts_per_s), shutdown.",
+            labels=["reason"],
+        )
+        by_reason = fleet.refused_by_reason
+        for reason in (*REFUSAL_REASONS, *sorted(by_reason.keys() - set(REFUSAL_REASONS))):
+            refusals.add_metric([reason], by_reason.get(reason, 0))
+        yield refusals
+        yield CounterMetricFamily(
+            f"{PREFIX}_sessions_gapped_total",
+            "Sessions ended with audio_gap: more audio missing than session.max_gap_ms.",
+            fleet.sessions_gapped,
+        )
+        errors = sessions.device_errors
+        outcomes = CounterMetricFamily(
+            f"{PREFIX}_device_errors_total",
+            "Errors about incoming messages: sent, or dropped by the per-device or the fleet-wide rate limit.",
+            labels=["outcome"],
+        )
+        outcomes.add_metric(["sent"], errors.sent)
+        outcomes.add_metric(["dropped_device"], errors.dropped_device)
+        outcomes.add_metric(["dropped_fleet"], errors.dropped_fleet)
+        yield outcomes
+        yield GaugeMetricFamily(
+            f"{PREFIX}_error_limiter_entries",
+            "Errors the rate limiter remembers (sent in the last second); bounded by 2 x session.max_errors_per_s.",
+            sessions.error_limiter_entries,
         )
 
     def _vad_engines(self) -> Iterator[Metric]:

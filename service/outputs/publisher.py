@@ -7,32 +7,65 @@ transcript is cut on a character boundary (``truncated``) and an error's message
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Protocol
 
 import msgspec
 
-from firmware_protocol import BridgeMessage, Error, Topics, Transcript, device_route, encode_message
+from firmware_protocol import (
+    BridgeMessage,
+    Configured,
+    Error,
+    Listening,
+    SpeechEnded,
+    Topics,
+    Transcript,
+    device_route,
+    encode_message,
+)
+from service.link.outgoing import Priority
 
-PublishFn = Callable[..., Awaitable[None]]
 Observer = Callable[[str, BridgeMessage], None]
 """Told ``(device_id, message)`` of every bridge → device message before it is published; must not block."""
 
 
+class Post(Protocol):
+    """``MqttLink.post``: queue one message, never wait."""
+
+    def __call__(self, topic: str, payload: bytes, *, qos: int, priority: Priority, key: str) -> None: ...
+
+
+def priority(message: BridgeMessage) -> Priority:
+    """What the device is owed goes first and is dropped last (the drop policy: README.md, link)."""
+    if isinstance(message, Transcript) and message.final:
+        return Priority.FINAL
+    if isinstance(message, Error):
+        return Priority.ERROR
+    if isinstance(message, Listening | SpeechEnded | Configured):
+        return Priority.OWED
+    return Priority.OPTIONAL  # partial transcripts, speech_started
+
+
 class DevicePublisher:
-    def __init__(self, topics: Topics, publish: PublishFn, max_bytes: int) -> None:
+    def __init__(self, topics: Topics, post: Post, max_bytes: int) -> None:
         self._topics = topics
-        self._publish = publish
+        self._post = post
         self._max_bytes = max_bytes
         self.observers: list[Observer] = []
         """E.g. Home Assistant discovery: sees the whole message (before :func:`fit` cuts it)."""
 
-    async def send(self, device_id: str, message: BridgeMessage) -> None:
+    def post(self, device_id: str, message: BridgeMessage) -> None:
+        """Queue ``message`` for ``device_id`` on the link; a device's messages keep their order."""
         for observer in self.observers:
             observer(device_id, message)
         route = device_route(message)
         topic = self._topics.device(device_id, route.kind)
         payload = fit(message, self._max_bytes - packet_overhead(topic, route.qos))
-        await self._publish(topic, payload, qos=route.qos)
+        self._post(topic, payload, qos=route.qos, priority=priority(message), key=device_id)
+
+    async def send(self, device_id: str, message: BridgeMessage) -> None:
+        """:meth:`post`, for callers that spawn a task per message."""
+        self.post(device_id, message)
 
 
 def packet_overhead(topic: str, qos: int) -> int:

@@ -46,7 +46,7 @@ from service.recognition.base import (
 )
 from service.recognition.http import pooled_transport, status_error, transport_error
 from service.recognition.retry import RetryPolicy
-from service.redact import Redactor
+from service.redact import Redactor, url_secrets
 from service.wav import wav_bytes
 
 log = structlog.get_logger(__name__)
@@ -213,7 +213,7 @@ class ElevenLabsBackend(TranscriptionBackend):
         self.config = config
         self.endpoints = endpoints(config.url)
         self.policy = RetryPolicy(attempts=1 + config.max_retries)
-        self.redact = Redactor(config.api_key)
+        self.redact = Redactor(config.api_key, *url_secrets(config.url))
         self._http: httpx.AsyncClient | None = None
         self._closing: set[asyncio.Task[None]] = set()
 

@@ -31,7 +31,7 @@ from service.recognition.base import (
 )
 from service.recognition.http import pooled_transport, status_error, transport_error
 from service.recognition.retry import RetryPolicy
-from service.redact import Redactor, redact_url, url_host
+from service.redact import Redactor, redact_url, url_host, url_secrets
 from service.wav import wav_bytes
 
 log = structlog.get_logger(__name__)
@@ -94,12 +94,15 @@ class OpenAIBackend(TranscriptionBackend):
         self._retry = RetryPolicy(attempts=1 + config.max_retries)
         self._client: httpx.AsyncClient | None = None
         self._host = url_host(config.url, "the ASR server")
-        self._redact = Redactor(config.api_key)
-        """Error bodies and URLs may echo the key; it must never reach a device, a log or a traceback."""
+        self._redact = Redactor(config.api_key, *url_secrets(config.url))
+        """Error bodies and URLs may echo the key or the URL's own secrets: never to reach a device or a log."""
 
     async def start(self) -> None:
         """Refuse a URL that can never work now rather than on every turn; open the pool."""
-        scheme = urlsplit(self._config.url).scheme
+        try:
+            scheme = urlsplit(self._config.url).scheme
+        except ValueError:  # e.g. an unclosed [IPv6 bracket
+            scheme = ""
         if scheme not in ("http", "https"):
             raise BackendError(
                 "asr.url must be the full http(s) URL of /v1/audio/transcriptions,"

@@ -34,7 +34,7 @@ from service.recognition.base import (
 )
 from service.recognition.http import status_error, transport_error
 from service.recognition.retry import RetryPolicy
-from service.redact import redact_url
+from service.redact import Redactor, redact_url, url_secrets
 
 log = structlog.get_logger(__name__)
 
@@ -331,6 +331,8 @@ class _Task:
         self.started = False
         self.finish_sent = False
         self._io_timeout = config.connect_timeout_s
+        self._redact = Redactor(config.paraformer_token, config.api_key, *url_secrets(config.url))
+        """DashScope's ``error_message`` may quote what it was sent."""
         self._run_task = _RunTask(
             _TaskHeader("run-task", self.task_id), _RunTaskPayload(model=model, parameters=parameters)
         )
@@ -362,7 +364,7 @@ class _Task:
         if event is None or event.header.task_id != self.task_id:
             return None
         if event.header.event == "task-failed":
-            raise _task_failed(event.header.error_code or "unknown", event.header.error_message or "")
+            raise _task_failed(event.header.error_code or "unknown", self._redact(event.header.error_message or ""))
         return event
 
     async def wind_down(self) -> bool:
@@ -576,6 +578,7 @@ class ParaformerBackend(TranscriptionBackend):
         """``language``: the ``[asr]`` table's ``lang``, the hint when a session asks for none (or ``auto``)."""
         self.config = config
         self.url = config.url or DEFAULT_URL
+        self._redact = Redactor(config.paraformer_token, config.api_key, *url_secrets(self.url))
         self.policy = RetryPolicy(attempts=1 + config.max_retries)
         self.language = language if language and language != "auto" else None
         self.registry = SocketRegistry(
@@ -636,7 +639,8 @@ class ParaformerBackend(TranscriptionBackend):
         except TimeoutError as exc:
             raise transport_error(exc, "DashScope did not accept the connection in time") from None
         except (OSError, InvalidHandshake) as exc:
-            raise transport_error(exc, f"cannot connect to DashScope: {type(exc).__name__}: {exc}") from None
+            detail = self._redact(str(exc), 300)
+            raise transport_error(exc, f"cannot connect to DashScope: {type(exc).__name__}: {detail}") from None
 
 
 def _refused(exc: InvalidStatus) -> BackendError:

@@ -1,29 +1,31 @@
 """Embedded offline recognition with pocketsphinx (its en-US model ships in the wheel).
 
 Audio is decoded while it arrives, so the final is ready right after end of speech.
-Each decoder lives in a worker process (pocketsphinx holds the GIL); a session holds one
-worker for its utterance, and sessions beyond ``asr.decoders`` wait for one, their audio
-queued and decoded in one call when they get it. A phrase list or JSGF grammar restricts
-the vocabulary, which is where pocketsphinx is accurate.
+Each decoder lives in a supervised worker process (pocketsphinx holds the GIL;
+:mod:`service.recognition.workers`). ``asr.decoders`` decoders are shared between sessions:
+
+- a session takes one only once it has audio worth decoding (``_WORTH_DECODING_S`` not yet
+  decoded, or its end), so a device that sent a stray frame holds none;
+- it gives it back while others wait as soon as its audio comes slower than half real time
+  (it went quiet, or its device trickles); when it gets one again, it decodes its utterance
+  from the start (it keeps its audio, at most ``session.max_utterance_s``, for that);
+- waiting sessions are served first come, first served, and a device holds at most one.
+
+A phrase list or JSGF grammar restricts the vocabulary, which is where pocketsphinx is accurate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import re
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, TypeVar
 
 import numpy as np
 import structlog
 
-from firmware_protocol import EndReason, ErrorCode
+from firmware_protocol import SAMPLE_RATE, EndReason, ErrorCode
 from service.config import PocketsphinxSettings
 from service.recognition import _sphinx_worker as worker
 from service.recognition.base import (
@@ -34,9 +36,18 @@ from service.recognition.base import (
     StreamListener,
     TranscriptionBackend,
 )
+from service.recognition.workers import FairPool, WorkerError, WorkerProcess
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
+
+_BYTES_PER_S = SAMPLE_RATE * 2
+_WORTH_DECODING_S = 0.3
+"""Undecoded audio a session needs before it takes a decoder (or its end)."""
+_SHARE_TICK_S = 0.5
+"""While others wait, a holder that got less than half of this much audio in this long gives its decoder back."""
+_CALL_TIMEOUT_S = 30.0
+"""One call decodes at most one utterance (``max_utterance_s``, far faster than real time); a worker
+that takes longer is hung and replaced."""
 
 
 def phrases_to_jsgf(phrases: list[str]) -> str:
@@ -51,55 +62,28 @@ def phrases_to_jsgf(phrases: list[str]) -> str:
     return "#JSGF V1.0;\ngrammar commands;\npublic <command> = " + " | ".join(cleaned) + " ;\n"
 
 
-class _Worker:
-    """A single-process executor: calls run in order on the same decoder."""
-
-    def __init__(self, jsgf: str | None) -> None:
-        self._jsgf = jsgf
-        self._executor = self._spawn()
-
-    def _spawn(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=worker.init,
-            initargs=(self._jsgf,),
-        )
-
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except BrokenProcessPool:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = self._spawn()
-            raise BackendError("the pocketsphinx worker died; it was restarted") from None
-
-    def shutdown(self, *, wait: bool = False) -> None:
-        self._executor.shutdown(wait=wait, cancel_futures=True)
-
-
 class PocketsphinxBackend(TranscriptionBackend):
     name = "pocketsphinx"
 
     def __init__(self, config: PocketsphinxSettings) -> None:
-        self._jsgf: str | None = None
+        jsgf: str | None = None
         if config.grammar:
-            self._jsgf = Path(config.grammar).read_text(encoding="utf-8")
+            jsgf = Path(config.grammar).read_text(encoding="utf-8")
         elif config.phrases:
-            self._jsgf = phrases_to_jsgf(config.phrases)
-        self._size = config.decoders
-        self._partial_interval = config.partial_interval_ms / 1000
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
-        self._workers: list[_Worker] = []
-        self._cleanup: set[asyncio.Task[None]] = set()
+            jsgf = phrases_to_jsgf(config.phrases)
+        self.partial_interval = config.partial_interval_ms / 1000
+        self.workers = [
+            WorkerProcess(worker.__name__, (jsgf,), name="pocketsphinx", call_timeout_s=_CALL_TIMEOUT_S)
+            for _ in range(config.decoders)
+        ]
+        self.pool = FairPool(list(self.workers))
 
     async def start(self) -> None:
         """Spawn the workers and load their decoders now, so a bad grammar fails at startup."""
-        self._workers = [_Worker(self._jsgf) for _ in range(self._size)]
         try:
-            await asyncio.gather(*(w.call(worker.ready) for w in self._workers))
-        except BackendError:
+            await asyncio.gather(*(w.start() for w in self.workers))
+        except WorkerError as error:
+            log.error("pocketsphinx.start_failed", error=str(error))
             await self.aclose()
             raise BackendError(
                 "pocketsphinx failed to load (check asr.grammar / asr.phrases: every word must be"
@@ -107,53 +91,31 @@ class PocketsphinxBackend(TranscriptionBackend):
                 code=ErrorCode.BACKEND_UNAVAILABLE,
                 retryable=False,
             ) from None
-        for w in self._workers:
-            self._idle.put_nowait(w)
 
     async def aclose(self) -> None:
-        # Wait (off the event loop) until each worker and its executor's manager thread are gone: a
-        # manager thread still closing its pipes at interpreter exit races concurrent.futures' exit
-        # hook, which then prints an "OSError: Bad file descriptor" traceback.
-        workers, self._workers = self._workers, []
-        await asyncio.gather(*(asyncio.to_thread(w.shutdown, wait=True) for w in workers))
+        await asyncio.gather(*(w.aclose() for w in self.workers))
 
     def open(self, options: SessionOptions, listener: StreamListener) -> RecognitionStream:
-        return _PocketsphinxStream(self, listener)
-
-    async def acquire(self) -> _Worker:
-        return await self._idle.get()
-
-    def release(self, w: _Worker, *, dirty: bool) -> None:
-        """Give a worker back; a ``dirty`` one first aborts its half-decoded utterance."""
-        if not dirty:
-            self._idle.put_nowait(w)
-            return
-
-        async def reset() -> None:
-            with contextlib.suppress(Exception):
-                await w.call(worker.abort)
-            self._idle.put_nowait(w)
-
-        task = asyncio.create_task(reset())
-        self._cleanup.add(task)
-        task.add_done_callback(self._cleanup.discard)
-
-    @property
-    def partial_interval(self) -> float:
-        return self._partial_interval
+        return _PocketsphinxStream(self, listener, options.device_id)
 
 
 class _PocketsphinxStream(RecognitionStream):
-    def __init__(self, backend: PocketsphinxBackend, listener: StreamListener) -> None:
+    def __init__(self, backend: PocketsphinxBackend, listener: StreamListener, device_id: str) -> None:
         self._backend = backend
+        self._pool = backend.pool
         self._listener = listener
-        self._queue: list[bytes] = []
+        self._owner = device_id or f"stream-{id(self)}"
+        self._audio = bytearray()
+        """The whole utterance: a session that gets a decoder back decodes it from the start."""
         self._wake = asyncio.Event()
         self._closing = False
+        self._last_partial, self._last_partial_at = "", 0.0
+        self._tick_end, self._tick_from = 0.0, 0
+        """The current fair-share tick while it holds a decoder: when it ends, and the audio length at its start."""
         self._task = asyncio.create_task(self._run())
 
     def feed(self, pcm: np.ndarray) -> None:
-        self._queue.append(pcm.tobytes())
+        self._audio += np.ascontiguousarray(pcm).data
         self._wake.set()
 
     async def finish(self) -> Recognition:
@@ -170,25 +132,65 @@ class _PocketsphinxStream(RecognitionStream):
             await self._task
 
     async def _run(self) -> str:
-        w = await self._backend.acquire()
-        dirty = True
-        try:
-            last_partial, last_sent = "", 0.0
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                data = b"".join(self._queue)
-                self._queue.clear()
-                if self._closing:
-                    text = await w.call(worker.finish, data)
-                    dirty = False
-                    return text
-                if not data:
-                    continue
-                hypothesis = await w.call(worker.process, data)
-                now = time.monotonic()
-                if hypothesis and hypothesis != last_partial and now - last_sent >= self._backend.partial_interval:
-                    last_partial, last_sent = hypothesis, now
-                    self._listener.partial(hypothesis)
-        finally:
-            self._backend.release(w, dirty=dirty)
+        decoded = 0
+        while True:
+            await self._until_worth_decoding(decoded)
+            w = await self._pool.acquire(self._owner)
+            try:
+                text = await self._decode_on(w)
+            except WorkerError as error:
+                if not error.died:
+                    log.warning("pocketsphinx.failed", error=str(error))
+                    raise BackendError("pocketsphinx failed to decode the audio") from None
+                raise BackendError(str(error)) from None
+            finally:
+                self._pool.release(w, self._owner)
+            if text is not None:
+                return text
+            decoded = len(self._audio)
+
+    async def _until_worth_decoding(self, decoded: int) -> None:
+        while not self._closing and len(self._audio) - decoded < _WORTH_DECODING_S * _BYTES_PER_S:
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _decode_on(self, w: WorkerProcess) -> str | None:
+        """Decode on ``w`` until the end (the text) or until others need it more (``None``)."""
+        sent, fresh = 0, True
+        self._tick_end, self._tick_from = time.monotonic() + _SHARE_TICK_S, len(self._audio)
+        while True:
+            self._wake.clear()
+            data, sent = self._audio[sent:], len(self._audio)
+            if self._closing:
+                text: str = await w.call("finish", data, fresh)
+                return text
+            if data:
+                self._partial(await w.call("process", data, fresh))
+                fresh = False
+            if not await self._keep():
+                return None
+
+    async def _keep(self) -> bool:
+        """Wait for more audio; ``False``: while others wait, it came slower than half real time
+        over the last tick (ticks run from when the decoder was taken, across waits)."""
+        while not self._wake.is_set():
+            now = time.monotonic()
+            if now >= self._tick_end:
+                slow = len(self._audio) - self._tick_from < _SHARE_TICK_S * _BYTES_PER_S / 2
+                if slow and self._pool.wanted(self._owner):
+                    return False
+                self._tick_end, self._tick_from = now + _SHARE_TICK_S, len(self._audio)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._tick_end - now):
+                    await self._wake.wait()
+        return True
+
+    def _partial(self, hypothesis: str) -> None:
+        now = time.monotonic()
+        if (
+            hypothesis
+            and hypothesis != self._last_partial
+            and now - self._last_partial_at >= self._backend.partial_interval
+        ):
+            self._last_partial, self._last_partial_at = hypothesis, now
+            self._listener.partial(hypothesis)

@@ -56,8 +56,21 @@ def build_backend(asr: AsrConfig) -> TranscriptionBackend:
     return ElevenLabsBackend(settings)
 
 
+POCKETSPHINX_FINAL_S = 10.0
+"""Pocketsphinx's share of the deadline: waiting for a decoder and decoding the queued audio (no HTTP, no retries)."""
+MIN_FINAL_TIMEOUT_S = 30.0
+"""The deadline PROTOCOL.md promises at least: the end of the turn to its final or ``backend_unavailable``."""
+
+
 def final_timeout(asr: AsrConfig) -> float:
-    """How long a session waits for its final: every attempt of every backend, with backoff, and slack."""
+    """The deadline from the end of a turn to its final: every attempt of every backend, with backoff, and slack.
+
+    A network backend's share is each attempt's ``timeout_s`` plus its backoff, times its attempts;
+    pocketsphinx has neither and takes :data:`POCKETSPHINX_FINAL_S`.
+    """
     tables = (asr.backend, *(fallback.backend for fallback in asr.fallback))
-    per_backend = [(b.timeout_s + 4.0) * (b.max_retries + 1) for b in tables]
-    return max(30.0, sum(per_backend) + 5.0)
+    per_backend = [
+        POCKETSPHINX_FINAL_S if isinstance(b, PocketsphinxSettings) else (b.timeout_s + 4.0) * (b.max_retries + 1)
+        for b in tables
+    ]
+    return max(MIN_FINAL_TIMEOUT_S, sum(per_backend) + 5.0)

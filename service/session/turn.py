@@ -2,7 +2,9 @@
 
 A :class:`Session` is fed in-order PCM by the ingest stage and runs as one task: it listens
 (audio queue, endpointing, length cap), then hands the turn to its :class:`FinalRecogniser`.
-Everything it tells the device goes through its :class:`OrderedOutbox`.
+Everything it tells the device goes through its :class:`OrderedOutbox`. The whole session runs
+under a wall-clock limit (:attr:`Session.limit_s`), so whatever hangs, the device gets an answer
+and the session's backend stream and VAD scorer are released.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from service.config import VadConfig
 from service.endpointing.endpointer import WINDOW, Endpointer, SpeechPause, SpeechResumed, SpeechStart, TurnEnd
 from service.endpointing.engines import VadScorer
 from service.recognition import RecognitionStream, SessionOptions
-from service.session.final import FinalRecogniser
+from service.session.final import FinalRecogniser, release
 from service.session.outbox import OrderedOutbox
 from service.session.services import SessionServices
 
@@ -82,6 +84,9 @@ class Session:
         self._ending = False
         self.log = structlog.get_logger(__name__).bind(device=device_id, session=session_id)
         self._final = FinalRecogniser(services, session_id, self._cancelled, self.log)
+        self._deadline: asyncio.Timeout | None = None
+        """The session's wall-clock limit while the turn runs; :meth:`abort` moves it to now."""
+        self._aborted: str | None = None
 
     def _make_endpointer(self) -> Endpointer | None:
         t = self.tuning
@@ -133,22 +138,63 @@ class Session:
     # The task --------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            sender = tg.create_task(self._outbox.run())
-            try:
+        self._services.running.add(self)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                sender = tg.create_task(self._outbox.run())
+                try:
+                    await self._bounded_turn()
+                except Exception as exc:  # never let one device's failure escape to the service
+                    self.log.exception("session.failed")
+                    self._emit(self._final.error(ErrorCode.INTERNAL, type(exc).__name__))
+                finally:
+                    self.ended = True
+                    self._outbox.close()
+                await sender
+        finally:
+            self._services.running.discard(self)
+
+    @property
+    def limit_s(self) -> float:
+        """Wall-clock limit from ``listening`` to the final: longest turn + idle timeout + the final's deadline."""
+        return self.tuning.max_utterance_s + self._services.idle_timeout_s + self._services.final_timeout_s
+
+    async def _bounded_turn(self) -> None:
+        """The turn under the session's wall-clock limit (or :meth:`abort`): past it, a retryable error."""
+        deadline = asyncio.timeout(self.limit_s)
+        try:
+            async with deadline:
+                self._deadline = deadline
+                if self._aborted is not None:
+                    deadline.reschedule(-1)
                 await self._turn()
-            except Exception as exc:  # never let one device's failure escape to the service
-                self.log.exception("session.failed")
-                self._emit(
-                    Error(code=ErrorCode.INTERNAL, message=type(exc).__name__, retryable=True, session=self.session_id)
-                )
-            finally:
-                self.ended = True
-                self._outbox.close()
-            await sender
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # not the session's limit: a fault like any other
+            if self._aborted is None:  # an aborted session has told its device already
+                reason = f"no final within {self.limit_s:g} s of the session's start"
+                self.log.warning("session.deadline", reason=reason)
+                self._emit(self._final.error(ErrorCode.BACKEND_UNAVAILABLE, reason))
+        finally:
+            self._deadline = None
+
+    def abort(self, reason: str) -> None:
+        """End the turn now (the bridge is shutting down): the device told ``reason`` at once, resources released.
+
+        The error is the session's last message: whatever the turn would still emit while it unwinds is dropped.
+        """
+        if self._aborted is not None or self.ended:
+            return
+        self.log.warning("session.deadline", reason=reason)
+        self._emit(self._final.error(ErrorCode.BACKEND_UNAVAILABLE, reason))
+        self._aborted = reason
+        self._cancelled.set()
+        if self._deadline is not None:
+            self._deadline.reschedule(-1)
 
     def _emit(self, message: BridgeMessage) -> None:
-        self._outbox.put(message)
+        if self._aborted is None:
+            self._outbox.put(message)
 
     async def _turn(self) -> None:
         self._emit(Listening(session=self.session_id, endpointing=self.tuning.endpointing, sample_rate=SAMPLE_RATE))
@@ -160,9 +206,9 @@ class Session:
         finally:
             self._final.cancel()
             if self._stream is not None:
-                await self._stream.cancel()
+                await release(self._stream.cancel())
             if self._scorer is not None:
-                await self._scorer.aclose()
+                await release(self._scorer.aclose())
 
     async def _listen(self) -> TurnEnd:
         """Take audio until the turn ends: VAD, LAST frame, cancel, length cap, or the router's idle timeout.
