@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from pathlib import Path
 
@@ -130,3 +131,51 @@ async def test_connecting_to_nothing_raises_link_error_within_the_timeout() -> N
         assert "connecting to 127.0.0.1" in str(exc)
     else:
         raise AssertionError("connecting to a closed port must raise LinkError")
+
+
+async def test_filters_added_at_run_time_are_subscribed_now_and_after_a_reconnect() -> None:
+    """The cluster's per-device audio subscriptions: added, kept across a broker restart, removed."""
+    from firmware_protocol import Topics
+    from service.config import MqttConfig
+    from service.link.connection import MqttLink
+
+    got: list[str] = []
+    arrived = asyncio.Event()
+
+    def handler(topic: str, payload: bytes) -> None:
+        got.append(topic)
+        arrived.set()
+
+    async def expect_one(pub_url: str, payload: bytes) -> None:
+        arrived.clear()
+        async with mqtt_client(pub_url, identifier=f"dyn-pub-{payload!r}") as pub:
+            await pub.publish("dyn/b/in/audio", payload, qos=1)  # not chosen: never delivered
+            await pub.publish("dyn/a/in/audio", payload, qos=1)
+            async with asyncio.timeout(5):
+                await arrived.wait()
+
+    with PrivateMosquitto() as first:
+        port = first.port
+        config = MqttConfig(url=first.url, reconnect_max_s=0.5)
+        link = MqttLink(config, Topics("dyn"), handler, instance="dyn", version="test", all_audio=False)
+        runner = asyncio.create_task(link.run())
+        try:
+            async with asyncio.timeout(10):
+                await link.connected.wait()
+            await link.subscribe("dyn/a/in/audio")
+            await expect_one(first.url, b"1")
+            first.stop()
+            with PrivateMosquitto(port=port) as second:
+                async with asyncio.timeout(15):
+                    while link.stats.connects < 2:  # noqa: ASYNC110 - polling a counter of the link under test
+                        await asyncio.sleep(0.05)
+                await expect_one(second.url, b"2")
+                await link.unsubscribe("dyn/a/in/audio")
+                async with mqtt_client(second.url, identifier="dyn-pub-after") as pub:
+                    await pub.publish("dyn/a/in/audio", b"3", qos=1)
+                    await asyncio.sleep(0.5)
+        finally:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+    assert got == ["dyn/a/in/audio", "dyn/a/in/audio"]

@@ -61,6 +61,7 @@ class MqttLink:
         version: str,
         audio_qos: int = 1,
         extra_subscriptions: tuple[str, ...] = (),
+        all_audio: bool = True,
     ) -> None:
         self._config = config
         self._topics = topics
@@ -70,6 +71,10 @@ class MqttLink:
         self._audio_qos = audio_qos
         self._extra_subscriptions = extra_subscriptions
         """Further topics (QoS 1) whose messages, retained or not, go to ``on_message`` (Home Assistant's status)."""
+        self._all_audio = all_audio
+        """Every device's audio (``<prefix>/+/in/audio``); off in cluster mode: :meth:`subscribe` picks devices."""
+        self._chosen: dict[str, int] = {}
+        """Filters added at run time with their QoS, subscribed again after every reconnect."""
         self._connection: MqttConnection | None = None
         self._queue = OutgoingQueue(config.publish_queue, config.publish_max_age_s)
         self._inflight: dict[int, Outgoing] = {}
@@ -150,10 +155,30 @@ class MqttLink:
         return reason, loop.time() - started
 
     async def _subscribe(self, connection: MqttConnection) -> None:
-        await connection.subscribe(self._topics.audio_filter, qos=self._audio_qos)
+        if self._all_audio:
+            await connection.subscribe(self._topics.audio_filter, qos=self._audio_qos)
         await connection.subscribe(self._topics.control_filter, qos=1)
         for extra in self._extra_subscriptions:
             await connection.subscribe(extra, qos=1)
+        for topic_filter, qos in list(self._chosen.items()):
+            await connection.subscribe(topic_filter, qos=qos)
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Add a filter now (once its SUBACK came) and after every reconnect; while disconnected, from the next."""
+        self._chosen[topic_filter] = qos
+        connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(LinkError):  # lost meanwhile: the reconnect subscribes it
+                await connection.subscribe(topic_filter, qos=qos)
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """Drop a filter added with :meth:`subscribe`."""
+        if self._chosen.pop(topic_filter, None) is None:
+            return
+        connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(LinkError):
+                await connection.unsubscribe(topic_filter)
 
     async def _send(self, connection: MqttConnection, hold_s: float) -> None:
         """The queue's one consumer, in priority order; at most ``publish_inflight`` messages are unfinished

@@ -102,6 +102,7 @@ class MqttConnection:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_ack
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         client.on_message = self._deliver
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
@@ -160,6 +161,10 @@ class MqttConnection:
 
     async def subscribe(self, topic_filter: str, qos: int) -> None:
         result, mid = self._client.subscribe(topic_filter, qos=qos)
+        await self._await_ack(result, mid)
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        result, mid = self._client.unsubscribe(topic_filter)
         await self._await_ack(result, mid)
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
@@ -234,6 +239,11 @@ class MqttConnection:
                 ack.set_exception(LinkError(f"subscription refused: {refused[0]}"))
             else:
                 ack.set_result(None)
+
+    def _on_unsubscribe(self, _c: paho.Client, _u: Any, mid: int, _reasons: Any, _p: Any) -> None:
+        ack = self._acks.get(mid)
+        if ack is not None and not ack.done():
+            ack.set_result(None)
 
     def _lost(self, reason: str) -> None:
         if not self._closed.done():
