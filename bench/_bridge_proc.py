@@ -315,7 +315,7 @@ async def run_subscriber(args: argparse.Namespace) -> None:
         count += 1
 
     # The bridge's own connection and options (protocol, clean session, messages handed to the
-    # handler as paho reads them), audio subscribed at QoS 1 (delivered at 0: devices publish at 0).
+    # handler as they are read), audio subscribed at QoS 1 (delivered at 0: devices publish at 0).
     options = ConnectOptions(
         f"mqtt://{args.host}:{args.port}", identifier=f"bench-bare-subscriber-{os.getpid()}", protocol=args.protocol
     )
