@@ -14,34 +14,24 @@ import json
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from service.link.mqtt311 import connect_packet, publish_packet  # noqa: E402
+from service.link.options import ConnectOptions  # noqa: E402
 
 BAD_FRAME = b"\x01\x02\x03"
 """Shorter than any frame header: ``malformed_frame``."""
 BATCH = 500
 
 
-def remaining_length(length: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        out.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(out)
-
-
-def packet(kind: int, body: bytes) -> bytes:
-    return bytes([kind]) + remaining_length(len(body)) + body
-
-
-def field(data: bytes) -> bytes:
-    return len(data).to_bytes(2, "big") + data
-
-
 def connect(host: str, port: int, client_id: str) -> socket.socket:
     sock = socket.create_connection((host, port), timeout=10)
-    # MQTT 3.1.1: protocol name, level 4, clean session, keepalive 60 s, then the client id.
-    sock.sendall(packet(0x10, field(b"MQTT") + b"\x04\x02\x00\x3c" + field(client_id.encode())))
+    sock.sendall(connect_packet(ConnectOptions(f"mqtt://{host}:{port}", identifier=client_id, keepalive_s=60)))
     connack = sock.recv(4)
     if len(connack) < 4 or connack[0] != 0x20 or connack[3] != 0:
         raise RuntimeError(f"churn: CONNACK refused: {connack!r}")
@@ -57,7 +47,7 @@ def send_churn(spec: dict[str, Any]) -> dict[str, Any]:
         n = min(BATCH, count - sent)
         ids = range(sent, sent + n)
         sock.sendall(
-            b"".join(packet(0x30, field(f"{spec['prefix']}/churn{i:07d}/in/audio".encode()) + BAD_FRAME) for i in ids)
+            b"".join(publish_packet(f"{spec['prefix']}/churn{i:07d}/in/audio", BAD_FRAME, 0, False, 0) for i in ids)
         )
         sent += n
         if rate > 0:

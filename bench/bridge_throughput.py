@@ -59,6 +59,7 @@ from firmware_protocol import (  # noqa: E402
     decode_bridge_message,
     encode_message,
 )
+from service.link.mqtt311 import remaining_length  # noqa: E402
 from service.tools.device_sim import frames_of  # noqa: E402
 from service.wav import read_wav_16k_mono  # noqa: E402
 
@@ -162,17 +163,14 @@ def machine_busy_s() -> tuple[float, float]:
     return (total - idle) / CLK_TCK, total / CLK_TCK
 
 
+def generator_slices(devices: int, generators: int = 0) -> list[tuple[int, int]]:
+    """``(first device, count)`` per load-generator process: ``generators``, else one per 150 devices."""
+    n_gen = generators or max(1, math.ceil(devices / 150))
+    per = math.ceil(devices / n_gen)
+    return [(g * per, min(per, devices - g * per)) for g in range(n_gen) if devices - g * per > 0]
+
+
 # The load generator (child process) --------------------------------------------------------------
-
-
-def encode_remaining(length: int) -> bytes:
-    """MQTT variable-length 'remaining length' field."""
-    out = bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        out.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(out)
 
 
 @dataclass
@@ -430,7 +428,7 @@ class Generator:
                 self._flush(dev)
             return
         # PUBLISH, QoS 0, no DUP/retain (0x30) · remaining length · topic · payload
-        packet = b"\x30" + encode_remaining(len(dev.topic_field) + len(payload)) + dev.topic_field + payload
+        packet = b"\x30" + remaining_length(len(dev.topic_field) + len(payload)) + dev.topic_field + payload
         view = memoryview(packet)
         while view:
             try:
@@ -705,13 +703,8 @@ def run_phase(
     try:
         ready = server.expect("ready", 60)
         mode = "stream" if phase == "ceiling" else args.endpointing
-        n_gen = args.generators or max(1, math.ceil(args.devices / 150))
-        per = math.ceil(args.devices / n_gen)
         gens = []
-        for g in range(n_gen):
-            first, count = g * per, min(per, args.devices - g * per)
-            if count <= 0:
-                break
+        for g, (first, count) in enumerate(generator_slices(args.devices, args.generators)):
             spec = {
                 "phase": phase,
                 "mode": mode,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import signal
@@ -45,7 +44,7 @@ for path in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(path))
 
 from _flood_probes import BridgeUnderTest, Probes, alive, descendants, scrape  # noqa: E402
-from bridge_throughput import Child, git_describe, percentiles  # noqa: E402
+from bridge_throughput import Child, generator_slices, git_describe, percentiles  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PREFIX = "flood"
@@ -109,13 +108,8 @@ def start_fake_openai(latency_ms: float, logdir: Path) -> tuple[subprocess.Popen
 
 
 def run_flood(args: argparse.Namespace, broker: Any, logdir: Path, port: int) -> tuple[list[Phase], dict[str, Any]]:
-    n_gen = args.generators or max(1, math.ceil(args.devices / 150))
-    per = math.ceil(args.devices / n_gen)
     gens = []
-    for g in range(n_gen):
-        first, count = g * per, min(per, args.devices - g * per)
-        if count <= 0:
-            break
+    for g, (first, count) in enumerate(generator_slices(args.devices, args.generators)):
         spec = {
             "phase": "flood",
             "mode": "push_to_talk",

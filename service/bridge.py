@@ -60,7 +60,7 @@ class Bridge:
         publisher = DevicePublisher(self.topics, self.link.post, config.session.max_device_message_bytes)
         self.homeassistant: HomeAssistant | None = None
         if ha.enabled:
-            self.homeassistant = HomeAssistant(ha, self.topics, self.link.publish, version=__version__)
+            self.homeassistant = HomeAssistant(ha, self.topics, self.link.post, version=__version__)
             publisher.observers.append(self.homeassistant.observe)
         services = SessionServices(
             backend=self.backend,

@@ -355,7 +355,7 @@ def test_mac_connections_only_for_mac_like_ids() -> None:
 async def test_long_transcript_keeps_the_full_text_in_attributes() -> None:
     sent: list[tuple[str, bytes, bool]] = []
 
-    async def publish(topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         sent.append((topic, payload, retain))
 
     ha = HomeAssistant(HomeAssistantConfig(enabled=True), Topics("echokit"), publish, version="9.9")
@@ -399,7 +399,7 @@ async def test_long_transcript_keeps_the_full_text_in_attributes() -> None:
 
 @pytest.mark.parametrize("abbreviated", [False, True])
 def test_the_schema_check_accepts_abbreviations_and_catches_mistakes(abbreviated: bool) -> None:
-    async def publish(topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         pass
 
     ha = HomeAssistant(HomeAssistantConfig(enabled=True), Topics("echokit"), publish, version="1")

@@ -85,12 +85,7 @@ async def _stop_mid_utterance(bridge: BridgeProcess, speech: dict, send_signal: 
         await bystander.subscribe(f"{bridge.prefix}/{talker_id}/out/#", qos=1)
         await bystander.subscribe(f"{bridge.prefix}/status", qos=1)
 
-        async def watch() -> None:
-            async for message in bystander.messages:
-                decoded = decode_bridge_message(bytes(message.payload))  # type: ignore[arg-type,unused-ignore]
-                order.append(str(getattr(decoded, "state", None) or decoded.__struct_config__.tag))
-
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(_record_order(bystander, order))
         # Push-to-talk: half of the utterance, the button still held.
         await talker.control(Start(session=session, endpointing=Endpointing.PUSH_TO_TALK))
         await talker.stream(frames[:half])
@@ -181,12 +176,7 @@ async def test_a_session_still_running_at_the_drain_limit_gets_a_retryable_error
         await bystander.subscribe(f"{bridge.prefix}/{holder_id}/out/#", qos=1)
         await bystander.subscribe(f"{bridge.prefix}/status", qos=1)
 
-        async def watch() -> None:
-            async for message in bystander.messages:
-                decoded = decode_bridge_message(bytes(message.payload))  # type: ignore[arg-type,unused-ignore]
-                order.append(str(getattr(decoded, "state", None) or decoded.__struct_config__.tag))
-
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(_record_order(bystander, order))
         await holder.control(Start(session=session, endpointing=Endpointing.PUSH_TO_TALK))
         await holder.stream(frames[: len(frames) // 2])
         await holder.wait_for(lambda m: isinstance(m, SpeechStarted))
@@ -207,3 +197,10 @@ async def test_a_session_still_running_at_the_drain_limit_gets_a_retryable_error
     assert order.index("error") < order.index("offline"), order
     log = bridge.log_path.read_text(errors="replace")
     assert '"session.deadline"' in log and "Traceback" not in log, bridge.log()
+
+
+async def _record_order(bystander: aiomqtt.Client, order: list[str]) -> None:
+    """What a bystander sees, in order: each message's type, or the bridge status's state."""
+    async for message in bystander.messages:
+        decoded = decode_bridge_message(bytes(message.payload))  # type: ignore[arg-type,unused-ignore]
+        order.append(str(getattr(decoded, "state", None) or decoded.__struct_config__.tag))

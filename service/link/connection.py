@@ -233,10 +233,6 @@ class MqttLink:
         """Queue one message (never waits); ``key`` (default: the topic) is whose order it keeps."""
         self._queue.put(topic, payload, qos, retain, priority, topic if key is None else key)
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        """:meth:`post` for callers that await (Home Assistant): queued before the first await."""
-        self.post(topic, payload, qos=qos, retain=retain)
-
     async def flush(self) -> None:
         """Until everything queued is published and acknowledged (bound it with a timeout)."""
         while len(self._queue) or self._inflight:  # noqa: ASYNC110 - a drain at shutdown, polled

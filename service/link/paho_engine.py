@@ -116,8 +116,6 @@ class PahoConnection:
     def _abort(self) -> None:
         if self._misc is not None:
             self._misc.cancel()
-        with contextlib.suppress(Exception):
-            self._client.loop_stop()
         sock = self._client.socket()
         if sock is not None:
             self._forget(sock)

@@ -23,7 +23,7 @@ device message (a handful per utterance) and never touches the audio path.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -40,12 +40,11 @@ from firmware_protocol import (
     ends_session,
 )
 from service.config import HomeAssistantConfig
-from service.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
 
-Publish = Callable[..., Coroutine[Any, Any, None]]
-"""``MqttLink.publish``: ``(topic, payload, *, qos, retain)``."""
+Post = Callable[..., None]
+"""``MqttLink.post``: ``(topic, payload, *, qos, retain)``, queued at once (one topic's messages keep their order)."""
 
 MAX_STATE_CHARS = 255
 """Home Assistant refuses longer sensor states (``MAX_LENGTH_STATE_STATE``) and shows ``unknown``."""
@@ -71,14 +70,13 @@ def mac_of(device_id: str) -> str | None:
 
 
 class HomeAssistant:
-    def __init__(self, config: HomeAssistantConfig, topics: Topics, publish: Publish, *, version: str) -> None:
+    def __init__(self, config: HomeAssistantConfig, topics: Topics, post: Post, *, version: str) -> None:
         self._prefix = config.discovery_prefix
         self._topics = topics
-        self._publish = publish
+        self._post = post
         self._version = version
         self._known: set[str] = set()
         self._voice_on: set[str] = set()
-        self._sending = TaskSet("homeassistant")
 
     def discovery_topic(self, device_id: str) -> str:
         return f"{self._prefix}/device/echokit_{device_id}/config"
@@ -219,6 +217,4 @@ class HomeAssistant:
         self._send(self.discovery_topic(device_id), _encode(self.discovery(device_id)), retain=True)
 
     def _send(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        # One task per message, created in order: tasks start in creation order, and the link
-        # hands each PUBLISH to the client before its first await, so ON always precedes OFF.
-        self._sending.spawn(self._publish(topic, payload, qos=1, retain=retain))
+        self._post(topic, payload, qos=1, retain=retain)  # queued in order: ON always precedes OFF

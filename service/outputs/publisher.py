@@ -63,10 +63,6 @@ class DevicePublisher:
         payload = fit(message, self._max_bytes - packet_overhead(topic, route.qos))
         self._post(topic, payload, qos=route.qos, priority=priority(message), key=device_id)
 
-    async def send(self, device_id: str, message: BridgeMessage) -> None:
-        """:meth:`post`, for callers that spawn a task per message."""
-        self.post(device_id, message)
-
 
 def packet_overhead(topic: str, qos: int) -> int:
     """Bytes of an MQTT 3.1.1 PUBLISH around its payload: fixed header, topic, packet id."""
